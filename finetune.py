@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""QLoRA fine-tuning of a local Llama-3 base on pretokenize.py's packed parquet shards.
+
+    python finetune.py --model Meta-Llama-3-8B --data tok --output-dir runs/r1 --epochs 1
+    torchrun --nproc_per_node=4 finetune.py --model ... (DDP: one process per GPU, same flags)
+    python finetune.py --config recipe.yaml --max-steps 2000     (command line overrides the YAML file)
+
+Recipe (defaults) and what each choice costs:
+  * base in 4-bit NF4 + double quantization, bf16 compute: ~5.7 GB of weights for 8B instead of 16 GB; every
+    matmul dequantises on the fly (slower than bf16 weights). Norms/embeddings/lm_head stay bf16 and frozen. We do
+    NOT call peft.prepare_model_for_kbit_training: its fp32 upcast of the norms ran the whole 8B network in fp32,
+    4.4x slower and 2x larger.
+  * LoRA r=64, alpha=16, dropout 0 on q/k/v/o/gate/up/down of every block (167,772,160 params on Llama-3-8B);
+    LoRA weights kept in fp32 (small), all matmuls in bf16 under autocast.
+  * paged 8-bit AdamW: 2 bytes/param of optimizer state instead of 8, paged to CPU on memory spikes.
+  * gradient checkpointing (non-reentrant): ~1/3 more compute for activations of a single block at a time.
+  * packed rows keep documents apart: position ids restart at every document, attention_mask=None, so
+    transformers builds a per-document causal mask; no loss on padding, masked prompts or across documents.
+  * loss = sum of token cross-entropies / label tokens of the whole global batch (all micro-batches, all ranks):
+    N processes give the same update as one process with the same global batch. The lm_head + cross-entropy run
+    in chunks (qlora/loss.py), so the [tokens x 128256] logits never exist whole.
+  * warm-up + cosine LR, gradient clipping, gradient accumulation; checkpoints (adapter, optimizer, scheduler,
+    RNG, data position) every --save-every steps, last --keep-checkpoints kept; --resume auto continues.
+  * stop protocol: RUN/stop_requested or SIGUSR1 -> checkpoint at the next step boundary, status "stopped", exit 0.
+Outputs in --output-dir: config.json, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNNN/, adapter/,
+status.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+# Expandable segments: the allocator grows segments in place instead of leaving ~2-3 GiB fragmented at the peak
+# (measured, bench/RESULTS.md). Must be set before CUDA initialises; an explicit setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+
+from qlora.atomic import atomic_dir, atomic_file, write_json_atomic
+from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, load_checkpoint,
+                              read_trainer_state, save_checkpoint)
+from qlora.config import FINGERPRINT_KEYS, TrainConfig, as_dict, fingerprint, resolve_config
+from qlora.data import PackedShards, StreamOrder, eval_micro_batches, read_metadata, step_micro_batches
+from qlora.errors import UserError, run_main
+from qlora.memory import check_fits, resolve_speed_settings
+from qlora.loss import count_label_tokens
+from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, forward_loss, load_base_model,
+                         resolve_attn_implementation, validate_model_dir)
+
+STOP_FILE = "stop_requested"
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+# ----------------------------------------------------------------------------------------------- processes
+class Dist:
+    """This process's place in a torchrun job (or a single process) and the few collectives training needs."""
+
+    def __init__(self, device_flag: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_flag == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to this process")
+        use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    device_id=self.device if use_cuda else None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- run directory
+class RunDir:
+    """RUN/ files (contract 4). Only rank 0 writes."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.status_path = self.path / "status.json"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.stop_path = self.path / STOP_FILE
+        self.status: dict = {}
+
+    def set_status(self, **fields) -> None:
+        self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if self.enabled:
+            write_json_atomic(self.status_path, self.status)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop metric lines past the checkpoint: those steps are trained again."""
+        if not (self.enabled and self.metrics_path.exists()):
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+        with atomic_file(self.metrics_path) as f:
+            f.write("".join(line + "\n" for line in keep))
+
+    def log_metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pyarrow"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (sha + ("-dirty" if dirty else "")) if sha else None
+
+
+def memory_estimate(cfg: TrainConfig, model_config: dict | None, max_len: int | None, world: int):
+    """(one-line summary, full table) from qlora.memory (the GPU engineer's estimator), or None where it is absent."""
+    try:
+        from qlora import memory
+    except ImportError:
+        return None
+    return memory.estimate_for_finetune(cfg, model_config=model_config, max_len=max_len, world_size=world)
+
+
+def estimate_memory_only(cfg: TrainConfig) -> int:
+    model_config = validate_model_dir(cfg.model) if cfg.model else None
+    max_len = int(read_metadata(cfg.data)["max_len"]) if cfg.data else None
+    result = memory_estimate(cfg, model_config, max_len, int(os.environ.get("WORLD_SIZE", "1")))
+    if result is None:
+        print("finetune.py: --estimate-memory is not available yet: the estimator (qlora/memory.py) is not in this "
+              "checkout")
+        return 1
+    print(result[1])
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, **kw)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
+    return cls(params, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def lora_digest(params) -> str:
+    """sha256 of the trainable weights' bytes: equal on every DDP rank iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(peft_model, val: PackedShards, cfg: TrainConfig, env: Dist) -> tuple[float, int]:
+    peft_model.eval()
+    loss_sum, n_tokens = 0.0, 0.0
+    with torch.no_grad():
+        for batch in eval_micro_batches(val, cfg.micro_batch_size, env.rank, env.world, cfg.eval_max_rows):
+            loss, n = forward_loss(peft_model, to_device(batch, env.device), loss_chunk_size=cfg.loss_chunk_size)
+            loss_sum += float(loss)
+            n_tokens += float(n)
+    peft_model.train()
+    loss_sum, n_tokens = env.all_reduce_sum([loss_sum, n_tokens])
+    return (loss_sum / n_tokens if n_tokens else float("nan")), int(n_tokens)
+
+
+def check_data(cfg: TrainConfig, meta: dict, model_config: dict, tokenizer) -> None:
+    from qlora.llama3 import tokenizer_fingerprint
+
+    meta_path = Path(cfg.data) / "metadata.json"
+    want = tokenizer_fingerprint(tokenizer)
+    got = (meta.get("tokenizer") or {}).get("sha256")
+    if got != want:
+        raise UserError(f"{meta_path}: shards were made with another tokenizer (sha256 {str(got)[:12]}..., "
+                        f"{cfg.model} has {want[:12]}...); rerun pretokenize.py with --tokenizer {cfg.model}")
+    max_pos = model_config.get("max_position_embeddings")
+    if max_pos is not None and int(meta["max_len"]) > int(max_pos):
+        raise UserError(f"{meta_path}: max_len {meta['max_len']} exceeds the model's context "
+                        f"(max_position_embeddings={max_pos} in {cfg.model}/config.json); rerun pretokenize.py "
+                        f"with --max-len {max_pos} or less")
+
+
+def main(argv=None) -> int:
+    cfg = resolve_config(argv, __doc__)
+    if cfg.estimate_memory:
+        return estimate_memory_only(cfg)
+    env = Dist(cfg.device)
+    try:
+        return train(cfg, env)
+    except UserError:
+        if not env.is_main:  # every rank hits the same input error; let rank 0 alone print it
+            sys.exit(2)
+        raise
+    except torch.OutOfMemoryError as e:
+        raise UserError(
+            f"CUDA out of memory on {env.device} (micro-batch {cfg.micro_batch_size} x seq "
+            f"{cfg_max_len(cfg)}): lower --micro-batch-size, pretokenize with a smaller --max-len, keep "
+            f"--gradient-checkpointing on with --checkpoint-layers all, or use --low-memory") from e
+    finally:
+        env.close()
+
+
+def cfg_max_len(cfg: TrainConfig):
+    with contextlib.suppress(Exception):
+        return read_metadata(cfg.data)["max_len"]
+    return "?"
+
+
+def train(cfg: TrainConfig, env: Dist) -> int:
+    from qlora.llama3 import load_tokenizer
+
+    # ---- validate everything that can be checked before loading the model (fast, one-line errors)
+    model_config = validate_model_dir(cfg.model)
+    meta = read_metadata(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    check_data(cfg, meta, model_config, tokenizer)
+    train_rows = PackedShards(cfg.data, "train", meta)
+    if len(train_rows) == 0:
+        raise UserError(f"{Path(cfg.data) / 'metadata.json'}: the train split has no rows (empty data set)")
+    val_rows = PackedShards(cfg.data, "validation", meta) if "validation" in meta["splits"] else None
+    max_len = int(meta["max_len"])
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum * env.world
+    max_steps = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * len(train_rows) / rows_per_step)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * max_steps)
+    attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
+    if attn == "flex_attention" and env.device.type != "cuda":
+        raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
+                        "use sdpa or eager there")
+    # fast-path kernels and checkpointed blocks, from the memory estimate; refuse before loading what cannot fit
+    speed = resolve_speed_settings(
+        cfg, model_config=model_config, max_len=max_len, world_size=env.world, device_type=env.device.type,
+        gpu_total_bytes=torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None)
+    if env.device.type == "cuda":
+        check_fits(speed)
+
+    fp_parts = json.loads(json.dumps({
+        "model": {**{k: model_config.get(k) for k in (
+            "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "rope_theta", "tie_word_embeddings")},
+                  "weights": sorted((p.name, p.stat().st_size) for p in Path(cfg.model).glob("*.safetensors"))},
+        "lora": {k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
+        "data": {"tokenizer_sha256": meta["tokenizer"].get("sha256"), "max_len": max_len,
+                 "train_rows": len(train_rows), "train_shards": meta["splits"]["train"].get("shards"),
+                 "train_tokens": meta["splits"]["train"].get("tokens")},
+    }))
+    fp = fingerprint(fp_parts)
+
+    # ---- run directory, stop protocol, resume point
+    run = RunDir(cfg.output_dir, enabled=env.is_main)
+    if env.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.stop_path.unlink(missing_ok=True)  # a stale request from the previous job must not stop this one
+    env.barrier()
+    stop_signal = {"received": False}
+    signal.signal(signal.SIGUSR1, lambda *_: stop_signal.update(received=True))
+
+    checkpoints = list_checkpoints(run.path)
+    if cfg.resume == "auto":
+        resume_path = checkpoints[-1][1] if checkpoints else None
+    elif cfg.resume == "never":
+        if checkpoints:
+            raise UserError(f"--resume never: {run.path} already has checkpoints; use a new --output-dir "
+                            f"or --resume auto")
+        resume_path = None
+    else:
+        resume_path = Path(cfg.resume)
+        if not (resume_path / "trainer_state.json").is_file():
+            raise UserError(f"--resume {resume_path}: not a complete checkpoint directory")
+    if resume_path is not None:
+        check_fingerprint(resume_path, fp, fp_parts)
+        if read_trainer_state(resume_path)["step"] >= max_steps and (run.path / "adapter").is_dir():
+            step = read_trainer_state(resume_path)["step"]
+            if env.is_main:
+                print(f"finetune.py: {run.path} already finished at step {step} (--max-steps {max_steps}); "
+                      f"give a larger --max-steps to continue")
+                run.set_status(state="finished", step=step, max_steps=max_steps)
+            return 0
+
+    # ---- model, LoRA, optimizer
+    if cfg.quantize == "nf4" or cfg.optimizer != "adamw_torch":
+        check_bitsandbytes(env.device)
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=env.device)
+    peft_model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            target_modules=cfg.lora_target_modules,
+                            gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
+                            checkpoint_layers=speed["checkpoint_layers"], kernels=speed["kernels"])
+    peft_model.train()
+    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable_params, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, max_steps, cfg.min_lr_ratio))
+    start_step, rows_consumed, tokens_seen = 0, 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, peft_model=peft_model, optimizer=optimizer, scheduler=scheduler,
+                                rank=env.rank)
+        start_step, rows_consumed, tokens_seen = state["step"], state["rows_consumed"], state["tokens_seen"]
+        if state.get("world_size", env.world) != env.world:
+            torch.manual_seed(cfg.seed + 1000 * start_step + env.rank)  # no saved RNG stream for this rank layout
+    else:
+        torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ per rank; LoRA init above is shared
+
+    n_trainable, n_base = count_parameters(peft_model)
+    tokens_per_step = rows_per_step * max_len
+    resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": env.world, "device": str(env.device),
+                "attn_implementation": attn, "kernels": speed["kernels"],
+                "checkpoint_layers": speed["checkpoint_layers"], "gpu_memory_gib": speed["gpu_gib"],
+                "max_len": max_len, "rows_per_step": rows_per_step,
+                "tokens_per_step": tokens_per_step, "epochs": max_steps * rows_per_step / len(train_rows),
+                "train_rows": len(train_rows), "validation_rows": len(val_rows) if val_rows else 0,
+                "trainable_params": n_trainable, "base_params": n_base,
+                "trainable_percent": 100.0 * n_trainable / n_base}
+    est = speed["estimate"]
+    mem = (est.summary(speed["gpu_gib"]), est.table(speed["gpu_gib"])) if env.device.type == "cuda" else None
+    if env.is_main:
+        print_recipe(cfg, resolved, mem, resume_path, start_step, env)
+        write_json_atomic(run.path / "config.json", {
+            "config": as_dict(cfg), "resolved": resolved, "versions": library_versions(), "git_commit": git_commit(),
+            "fingerprint": fp, "fingerprint_parts": fp_parts, "data_metadata": meta, "model_config": model_config,
+            "resumed_from": str(resume_path) if resume_path else None, "command": sys.argv,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        run.truncate_metrics(start_step)
+
+    # ---- DDP
+    train_step = TrainStep(peft_model, loss_chunk_size=cfg.loss_chunk_size)
+    if env.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_step = DDP(train_step, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                         broadcast_buffers=False)
+
+    writer = None
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=start_step + 1)
+    from tqdm import tqdm
+
+    pbar = tqdm(total=max_steps, initial=start_step, disable=not env.is_main, unit="step", dynamic_ncols=True,
+                desc="train")
+    order = StreamOrder(train_rows, seed=cfg.seed)
+    run.set_status(state="running", step=start_step, max_steps=max_steps, world_size=env.world, pid=os.getpid())
+
+    def checkpoint(step: int, loss: float | None) -> Path | None:
+        gathered = env.gather((capture_rng(), lora_digest(trainable_params)))
+        rng_states, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+        if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
+            raise RuntimeError(f"LoRA weights differ across ranks at step {step}: {digests}")
+        path = None
+        if env.is_main:
+            path = save_checkpoint(run.path, step, peft_model=peft_model, optimizer=optimizer, scheduler=scheduler,
+                                   trainer_state={"rows_consumed": rows_consumed, "tokens_seen": tokens_seen,
+                                                  "epoch": rows_consumed / len(train_rows), "loss": loss,
+                                                  "seed": cfg.seed, "world_size": env.world,
+                                                  "lora_sha256_per_rank": digests,
+                                                  "fingerprint": fp, "fingerprint_parts": fp_parts},
+                                   rng_states=rng_states, keep=cfg.keep_checkpoints)
+            run.set_status(checkpoint=str(path))
+        env.barrier()
+        return path
+
+    step, loss, stopping = start_step, None, False
+    try:
+        while step < max_steps and not stopping:
+            t0 = time.perf_counter()
+            micro_batches = step_micro_batches(order, rows_consumed, cfg.micro_batch_size, cfg.grad_accum,
+                                               env.rank, env.world)
+            local_labels = sum(count_label_tokens(torch.from_numpy(b["labels"]), torch.from_numpy(b["position_ids"]))
+                               for b in micro_batches)
+            (global_labels,) = env.all_reduce_sum([local_labels])
+            # DDP averages gradients over ranks; scaling by world/global makes the result sum/global_labels.
+            scale = env.world / max(global_labels, 1.0)
+            local_loss = 0.0
+            for i, mb in enumerate(micro_batches):
+                sync = env.world == 1 or i == len(micro_batches) - 1
+                with (contextlib.nullcontext() if sync else train_step.no_sync()):
+                    loss_sum, _ = train_step(**to_device(mb, env.device))
+                    (loss_sum * scale).backward()
+                local_loss += float(loss_sum.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            rows_consumed += rows_per_step
+            tokens_seen += tokens_per_step
+            stop_here = float(run.stop_path.exists() or stop_signal["received"])
+            total_loss, stop_votes = env.all_reduce_sum([local_loss, stop_here])
+            loss = total_loss / max(global_labels, 1.0)
+            stopping = stop_votes > 0 and step < max_steps  # at the last step, finishing is as quick
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                      "label_tokens": int(global_labels), "tokens": tokens_per_step,
+                      "tokens_per_s": tokens_per_step / dt, "tokens_per_s_per_process": tokens_per_step / dt / env.world,
+                      "epoch": rows_consumed / len(train_rows), "step_time_s": dt}
+            if env.device.type == "cuda":
+                record["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
+                record["gpu_mem_allocated_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            if env.is_main:
+                if step % cfg.log_every == 0 or step == max_steps:
+                    run.log_metrics(record)
+                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        writer.add_scalar(f"train/{k}", record[k], step)
+                postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                if "gpu_mem_reserved_gib" in record:
+                    postfix["mem"] = f"{record['gpu_mem_reserved_gib']:.1f}G"
+                pbar.set_postfix(postfix, refresh=False)
+                pbar.update(1)
+                run.set_status(state="running", step=step, loss=loss, epoch=record["epoch"])
+            if not stopping and val_rows is not None and len(val_rows) and (
+                    step == max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val_loss, val_tokens = evaluate(peft_model, val_rows, cfg, env)
+                if env.is_main:
+                    run.log_metrics({"step": step, "val_loss": val_loss, "val_label_tokens": val_tokens})
+                    writer.add_scalar("val/loss", val_loss, step)
+                    pbar.write(f"step {step}: validation loss {val_loss:.4f} ({val_tokens} label tokens)")
+                    run.set_status(val_loss=val_loss)
+            if stopping or step % cfg.save_every == 0 or step == max_steps:
+                checkpoint(step, loss)
+        pbar.close()  # before any message, so it starts on a line of its own
+        if stopping:
+            if env.is_main:
+                print(f"finetune.py: stop requested; checkpoint at step {step} written, rerun the same command "
+                      f"to resume")
+                run.set_status(state="stopped", step=step)
+            return 0
+        if env.is_main:
+            with atomic_dir(run.path / "adapter") as tmp:
+                peft_model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            print(f"finetune.py: finished {step} steps; adapter in {run.path / 'adapter'}")
+            run.set_status(state="finished", step=step)
+        env.barrier()
+        return 0
+    except BaseException as e:
+        pbar.close()
+        if env.is_main and not (isinstance(e, SystemExit) and not e.code):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            run.set_status(state="failed", step=step, message=f"{type(e).__name__}: {msg}")
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def print_recipe(cfg: TrainConfig, resolved: dict, mem, resume_path, start_step: int, env: Dist) -> None:
+    lines = ["finetune.py resolved recipe:"]
+    for k, v in as_dict(cfg).items():
+        lines.append(f"  {k:24s} {','.join(v) if isinstance(v, list) else v}")
+    r = resolved
+    lines += [
+        f"  {'processes':24s} {r['world_size']} on {r['device']} (attention: {r['attn_implementation']})",
+        f"  {'trainable params':24s} {r['trainable_params']:,} ({r['trainable_percent']:.2f}% of "
+        f"{r['base_params']:,} base parameters)",
+        f"  {'tokens per step':24s} {r['tokens_per_step']:,} ({r['rows_per_step']} rows of {r['max_len']} = "
+        f"micro-batch {cfg.micro_batch_size} x grad-accum {cfg.grad_accum} x {r['world_size']} processes)",
+        f"  {'steps':24s} {r['max_steps']} (= {r['epochs']:.2f} epochs of {r['train_rows']} rows), warm-up "
+        f"{r['warmup_steps']}",
+    ]
+    if env.device.type != "cuda":
+        lines.append(f"  {'estimated peak GPU mem':24s} n/a (training on {env.device})")
+    elif mem is None:
+        lines.append(f"  {'estimated peak GPU mem':24s} n/a (the estimator qlora/memory.py is not in this checkout)")
+    else:
+        lines.append(f"  {'estimated peak GPU mem':24s} {mem[0]}")
+    lines.append(f"  {'resume':24s} " + (f"from {resume_path} (step {start_step})" if resume_path else "fresh start"))
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

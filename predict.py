@@ -1,0 +1,393 @@
+"""predict.py: sample from Llama-3 + a QLoRA adapter and map the answers back into the hand vocabulary.
+
+    python predict.py --model Meta-Llama-3-8B --adapter runs/r1 --input data/validation.jsonl \
+        --vocab vocab.json --eval --output samples.jsonl
+
+Features, each with its trade-off:
+  * --adapter RUN or an adapter directory (RUN/adapter, a checkpoint), or `none` for the base model alone: the
+    untrained baseline. RUN/config.json supplies the training format and system prompt, so prompts are built as in
+    training; an adapter whose shapes do not fit --model is refused before loading.
+  * Base in 4-bit NF4 (default; ~5.5 GB for the 8B model, slower matmuls) or bf16 (--quantize none; ~16 GB, faster,
+    and the weights the adapter is merged into).
+  * Prompts from --prompt, or --input JSONL: the validation.jsonl of data_processing.py or {"prompt": ...} lines.
+    Formatted exactly as data_processing.py did (chat: Llama-3 headers with the same system prompt; plain: BOS +
+    text), so the model sees the training token ids up to where the answer starts.
+  * Batched generation with left padding, prompts sorted by length (less padding; the output keeps input order).
+    Greedy by default (--temperature 0: deterministic, the right choice for --eval); sampling with --temperature,
+    --top-p, --top-k, --num-samples. Stops at <|eot_id|> or <|end_of_text|>, else after --max-new-tokens.
+  * --vocab maps each completion back to hand-vocab ids; pieces that are not vocabulary tokens are listed in
+    "unknown_pieces", never dropped. --eval scores against reference responses: exact match and token accuracy
+    (of the generated answer) and the reference loss (teacher-forced cross-entropy of the reference answer: for chat
+    data the same tokens finetune.py's validation loss covers, and measurable for the untrained base too).
+  * --merge-to DIR writes the adapter merged into a bf16 copy of the base, loadable by
+    AutoModelForCausalLM.from_pretrained without peft. Merging needs unquantised weights, so with --merge-to the base
+    is loaded with --quantize none (bf16); merging into 4-bit weights would re-round them and lose the adapter.
+  * Output JSONL written atomically (to a temporary name, then renamed); stdout when --output is not given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+from qlora.errors import UserError, run_main
+
+# ------------------------------------------------------------------------------------------------- defaults
+BATCH_SIZE = 8  # prompts per generate() call; x --num-samples sequences
+MAX_NEW_TOKENS = 256
+TEMPERATURE = 0.0  # 0 = greedy
+TOP_P = 1.0  # 1.0 = off
+TOP_K = 0  # 0 = off
+NUM_SAMPLES = 1
+SEED = 0
+JOINER = " "  # as data_processing.py --joiner
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")  # raised inside peft
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default (where it has a plain one) after its help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap.add_argument("--model", required=True, help="local base model directory (e.g. Meta-Llama-3-8B, with config.json, "
+                    "tokenizer.json and *.safetensors)")
+    ap.add_argument("--adapter", required=True,
+                    help="finetune.py run directory (uses RUN/adapter), an adapter directory (adapter_config.json + "
+                         "adapter_model.safetensors, e.g. RUN/checkpoints/step-0000100), or 'none' for the base model "
+                         "alone (the untrained baseline: a fresh LoRA adapter has B=0 and is identical to the base)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt, in hand-vocab text (tokens joined by --joiner)")
+    src.add_argument("--input", metavar="FILE.jsonl",
+                     help="prompts, one JSON object a line: the validation.jsonl/train.jsonl of data_processing.py, "
+                          "or {\"prompt\": ..., \"response\": optional reference, \"format\": optional, "
+                          "\"system\": optional}")
+    ap.add_argument("--format", choices=["chat", "plain"], default=None,
+                    help="prompt format for --prompt and for records without a \"format\" key "
+                         "(default: the training data's format from RUN/config.json, else chat)")
+    ap.add_argument("--system-prompt", default=None,
+                    help="system prompt for chat prompts (default: each record's \"system\", else the one used in "
+                         "training per RUN/config.json, else none). Must match training to get the trained behaviour")
+    ap.add_argument("--prefix-tokens", type=int, default=None, metavar="N",
+                    help="plain records of data_processing.py have no prompt/answer split: prompt with the first N "
+                         "hand tokens of each \"text\" and use the rest as the reference")
+    ap.add_argument("--vocab", default=None,
+                    help="hand vocabulary file (as given to data_processing.py): adds completion_ids and "
+                         "unknown_pieces to each output record; refused if it is not the vocabulary recorded in "
+                         "RUN/config.json or next to --input (sha256 of its id->token mapping)")
+    ap.add_argument("--joiner", default=None,
+                    help=f"string between hand tokens (default: the one used in training per RUN/config.json, else "
+                         f"per the metadata.json next to --input, else {JOINER!r})")
+    ap.add_argument("--eval", action="store_true",
+                    help="score completions against each record's reference \"response\": exact match and token "
+                         "accuracy in hand-vocab ids, and the reference loss (mean cross-entropy of the reference "
+                         "answer + end token given the prompt; needs --vocab and --input with references)")
+    ap.add_argument("--output", metavar="FILE.jsonl", default=None,
+                    help="write samples here (atomically); default: stdout")
+    ap.add_argument("--summary", metavar="FILE.json", default=None,
+                    help="also write the summary (samples, tokens/s, unknown pieces; with --eval exact_match and "
+                         "token_accuracy) as JSON here, atomically")
+    g = ap.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="stop after this many new tokens")
+    g.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (deterministic); > 0 samples")
+    g.add_argument("--top-p", type=float, default=TOP_P, help="nucleus sampling mass (1.0 = off; only when sampling)")
+    g.add_argument("--top-k", type=int, default=TOP_K, help="sample from the k likeliest tokens (0 = off)")
+    g.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="samples per prompt (> 1 needs --temperature > 0)")
+    g.add_argument("--seed", type=int, default=SEED, help="RNG seed: same inputs, batch size and seed give the same samples")
+    g.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="prompts per generate() call (each expands to --num-samples sequences); larger is faster "
+                        "until GPU memory runs out")
+    m = ap.add_argument_group("model")
+    m.add_argument("--quantize", choices=["nf4", "none"], default=None,
+                   help="nf4: base in 4-bit NF4 with bf16 compute, as in training (default); none: bf16 weights "
+                        "(more memory, faster). --merge-to always loads the base with none")
+    m.add_argument("--merge-to", metavar="DIR", default=None,
+                   help="write the adapter merged into a bf16 copy of the base to DIR (loadable by "
+                        "AutoModelForCausalLM.from_pretrained without peft). Loads the base unquantised (bf16), "
+                        "since merging into 4-bit weights would lose precision; prompts, if given, then run on the "
+                        "merged model")
+    m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    args = ap.parse_args(argv)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- adapter / run
+def resolve_adapter(arg: str) -> tuple[Path | None, Path | None]:
+    """(adapter dir, run dir) for --adapter; (None, None) for 'none'."""
+    if arg.lower() == "none":
+        return None, None
+    p = Path(arg)
+    if not p.exists():
+        raise UserError(f"--adapter {p}: no such directory (give a finetune.py run directory, an adapter directory or 'none')")
+    if not p.is_dir():
+        raise UserError(f"--adapter {p}: not a directory")
+    if (p / "adapter").is_dir():  # a run directory, or one of its checkpoints (RUN/checkpoints/step-N/adapter)
+        adapter = p / "adapter"
+    elif (p / "adapter_config.json").exists() or (p / "adapter_model.safetensors").exists():
+        adapter = p
+    elif (p / "checkpoints").is_dir():
+        steps = sorted(c.name for c in (p / "checkpoints").iterdir() if c.name.startswith("step-"))
+        hint = f"; its newest checkpoint is {p / 'checkpoints' / steps[-1]}" if steps else ""
+        raise UserError(f"--adapter {p}: run has no final adapter (RUN/adapter) yet{hint}")
+    else:
+        raise UserError(f"--adapter {p}: neither a run directory (RUN/adapter) nor an adapter directory "
+                        f"(adapter_config.json, adapter_model.safetensors)")
+    # The run directory (config.json + status.json) is 1 level up from RUN/adapter, 3 from a checkpoint's adapter.
+    run = next((q for q in (adapter.parent, adapter.parent.parent, adapter.parent.parent.parent)
+                if (q / "config.json").is_file() and (q / "status.json").is_file()), None)
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
+    if missing:
+        raise UserError(f"--adapter {adapter}: incomplete adapter, missing: {', '.join(missing)}")
+    return adapter, run
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path}: unreadable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path}: expected a JSON object")
+    return obj
+
+
+def _find(obj, *keys):
+    """First value found under any of the dotted `keys` in a nested dict (run configs nest their sections)."""
+    for key in keys:
+        cur = obj
+        for part in key.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                break
+            cur = cur[part]
+        else:
+            return cur
+    return None
+
+
+def training_defaults(run: Path | None) -> dict:
+    """What RUN/config.json (finetune.py) says about training: the base model, the data format, and from the
+    data_processing.py metadata carried through pretokenize.py: system prompt, joiner and vocabulary hash."""
+    if run is None:
+        return {}
+    cfg = read_json(run / "config.json", "run config")
+    fmt = _find(cfg, "data_metadata.format")
+    stage1 = "data_metadata.input.metadata."
+    return {
+        "model": _find(cfg, "config.model"),
+        "model_config": _find(cfg, "model_config"),
+        "format": fmt if fmt in ("chat", "plain") else None,  # "mixed" data: each record says its own
+        "system": _find(cfg, stage1 + "options.system_prompt"),
+        "joiner": _find(cfg, stage1 + "options.joiner"),
+        "vocab_sha256": _find(cfg, stage1 + "vocab.sha256"),
+    }
+
+
+def check_adapter_fits(model, adapter: Path) -> None:
+    """Every LoRA matrix must match its module's shape in --model: a one-line error instead of peft's size-mismatch
+    traceback when the adapter was trained on another base."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            for kind in (".lora_A.", ".lora_B."):
+                if kind not in key:
+                    continue
+                name = key.split(kind)[0].removeprefix("base_model.model.")
+                shape = f.get_slice(key).get_shape()
+                mod = modules.get(name)
+                if mod is None or not hasattr(mod, "in_features"):
+                    raise UserError(f"--adapter {adapter} was trained on another base model: --model has no "
+                                    f"linear layer {name}")
+                need = mod.in_features if kind == ".lora_A." else mod.out_features
+                have = shape[1] if kind == ".lora_A." else shape[0]
+                if need != have:
+                    raise UserError(f"--adapter {adapter} was trained on another base model: {key} has shape "
+                                    f"{list(shape)} but {name} in --model has {mod.in_features} -> {mod.out_features}")
+
+
+def merge_and_save(peft_model, model_dir: Path, adapter: Path, out: Path):
+    """Merge the LoRA weights into the bf16 base and save a self-contained model directory (atomically)."""
+    from qlora.atomic import atomic_dir
+
+    if out.exists() and not (out / "merge_info.json").exists() and any(out.iterdir()):
+        raise UserError(f"--merge-to {out}: directory exists and is not a previous merge; remove it or choose another")
+    merged = peft_model.merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(model_dir / name, tmp / name)
+        (tmp / "merge_info.json").write_text(json.dumps(
+            {"base_model": str(model_dir.resolve()), "adapter": str(adapter.resolve()), "dtype": "bfloat16"}, indent=2) + "\n")
+    print(f"merged adapter into bf16 base: {out}", file=sys.stderr)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from qlora.generation import SamplingConfig, read_prompts_jsonl, prompt_from_record
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
+    sampling.validate()
+    if args.prompt is None and args.input is None and args.merge_to is None:
+        raise UserError("nothing to do: give --prompt, --input or --merge-to")
+    if args.eval and args.input is None:
+        raise UserError("--eval needs reference responses: use --input with records that have a \"response\"")
+    if args.eval and args.vocab is None:
+        raise UserError("--eval scores in the hand vocabulary: give --vocab")
+    if args.prefix_tokens is not None and args.prefix_tokens < 1:
+        raise UserError(f"--prefix-tokens must be >= 1, got {args.prefix_tokens}")
+    if args.merge_to and args.quantize == "nf4":
+        raise UserError("--merge-to needs the unquantised bf16 base: drop --quantize nf4 (it loads with --quantize none)")
+    if args.merge_to and args.adapter.lower() == "none":
+        raise UserError("--merge-to needs an adapter to merge (--adapter none given)")
+    quantize = "none" if args.merge_to else (args.quantize or "nf4")
+    model_dir = Path(args.model)
+    from qlora.model import validate_model_dir
+
+    model_config = validate_model_dir(model_dir)
+    adapter, run = resolve_adapter(args.adapter)
+    trained = training_defaults(run)
+    if trained.get("model") and Path(trained["model"]).resolve() != model_dir.resolve():
+        # Only a warning: a moved or re-downloaded copy of the same base is fine; a different one is caught by the
+        # shape check below or shows up as different config values here.
+        changed = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "rope_theta")
+                   if (trained.get("model_config") or {}).get(k, model_config.get(k)) != model_config.get(k)]
+        print(f"warning: the adapter was trained on --model {trained['model']}, this is {model_dir}"
+              + (f" (config differs in {', '.join(changed)})" if changed else ""), file=sys.stderr)
+
+    vocab = None
+    if args.vocab is not None:
+        if not Path(args.vocab).is_file():
+            raise UserError(f"--vocab {args.vocab}: no such file")
+        from qlora.vocab import load_hand_vocab
+
+        vocab = load_hand_vocab(args.vocab)
+        if trained.get("vocab_sha256") and trained["vocab_sha256"] != vocab.sha256:
+            raise UserError(f"--vocab {args.vocab} is not the vocabulary the adapter was trained with (its id->token "
+                            f"sha256 differs from the one data_processing.py recorded in {run / 'config.json'})")
+    data_meta = {}
+    if args.input is not None and (Path(args.input).parent / "metadata.json").is_file():
+        data_meta = read_json(Path(args.input).parent / "metadata.json", "data metadata")
+    joiner = args.joiner if args.joiner is not None else (
+        trained.get("joiner") or _find(data_meta, "options.joiner") or JOINER)
+    default_system = trained.get("system") or _find(data_meta, "options.system_prompt")
+    data_vocab = _find(data_meta, "vocab.sha256")
+    if vocab is not None and data_vocab and data_vocab != vocab.sha256:
+        raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.input} was made with (its id->token "
+                        f"sha256 differs from {Path(args.input).parent / 'metadata.json'})")
+    kw = dict(default_format=args.format or trained.get("format"), system_override=args.system_prompt,
+              default_system=default_system, prefix_tokens=args.prefix_tokens, joiner=joiner)
+    records = []
+    if args.prompt is not None:
+        records = [prompt_from_record({"prompt": args.prompt}, "--prompt", **kw)]
+    elif args.input is not None:
+        records = read_prompts_jsonl(args.input, **kw)
+    if args.eval and not any(r.reference is not None for r in records):
+        raise UserError(f"--eval: no record in {args.input} has a reference \"response\"")
+
+    import torch
+    from qlora.llama3 import load_tokenizer
+    from qlora.model import load_base_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {model_dir} ({'4-bit NF4' if quantize == 'nf4' else 'bf16'}) on {device}"
+          f"{f' with adapter {adapter}' if adapter else ' without adapter'}", file=sys.stderr)
+    model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device)
+    tokenizer = load_tokenizer(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        check_adapter_fits(model, adapter)
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if args.merge_to:
+            model = merge_and_save(model, model_dir, adapter, Path(args.merge_to))
+    model.eval()
+    if not records:
+        return 0
+    summary = predict(model, tokenizer, records, sampling, vocab=vocab, joiner=joiner, do_eval=args.eval,
+                      output=args.output)
+    print(summary.line(), file=sys.stderr)
+    if args.summary:
+        from qlora.atomic import write_json_atomic
+
+        write_json_atomic(args.summary, summary.as_dict())
+    return 0
+
+
+def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, do_eval=False, output=None):
+    """Generate, map, score and write; returns the EvalSummary."""
+    from tqdm import tqdm
+
+    from qlora.atomic import atomic_file
+    from qlora.generation import EvalSummary, completion_to_hand, generate, score
+
+    summary = EvalSummary()
+    position = {id(r): i for i, r in enumerate(records)}
+    losses = {}
+    if do_eval:
+        from qlora.generation import reference_losses
+
+        for rec, loss in zip(records, reference_losses(model, tokenizer, records, joiner, sampling.batch_size)):
+            if loss is not None:
+                losses[id(rec)] = loss
+                summary.loss_sum += loss[0]
+                summary.loss_tokens += loss[1]
+    rows = []
+    bar = tqdm(total=len(records), unit="prompt", desc="generating", disable=len(records) <= sampling.batch_size,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def progress(n_prompts, n_tokens):
+        bar.update(n_prompts)
+        bar.set_postfix(tokens_per_s=f"{summary.new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+
+    ref_cache = {}
+    for s in generate(model, tokenizer, records, sampling, progress):
+        row = {"source": s.record.source, "prompt": s.record.prompt, "format": s.record.format, "sample": s.index,
+               "completion": s.text, "stop_reason": s.stop_reason}
+        unknown = exact = acc = None
+        if vocab is not None:
+            ids, unknown, positional = completion_to_hand(vocab, s.text, s.record.format, joiner)
+            row.update(completion_ids=ids, unknown_pieces=unknown)
+            if s.record.reference is not None:
+                row["reference"] = s.record.reference
+                if do_eval:
+                    if id(s.record) not in ref_cache:
+                        ref_ids, ref_unknown = vocab.text_to_ids(s.record.reference, joiner=joiner)
+                        if ref_unknown:
+                            raise UserError(f"{s.record.source}: reference response has pieces not in --vocab: "
+                                            f"{ref_unknown[:5]} (wrong --vocab or --joiner?)")
+                        ref_cache[id(s.record)] = ref_ids
+                    exact, acc = score(positional, ref_cache[id(s.record)])
+                    row.update(exact_match=exact, token_accuracy=acc)
+                    nll, n = losses[id(s.record)]
+                    row["reference_loss"] = nll / max(n, 1)
+        summary.add(s, unknown, exact, acc)
+        rows.append((position[id(s.record)], s.index, row))
+    bar.close()
+    rows.sort(key=lambda r: r[:2])
+    if output is None:
+        for _, _, row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        with atomic_file(output) as f:
+            for _, _, row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,113 @@
+"""Training checkpoints: RUN/checkpoints/step-NNNNNNN/, each written whole or not at all (qlora.atomic.atomic_dir).
+
+A checkpoint holds everything needed to continue bit-for-bit: the LoRA weights (PEFT format, fp32), optimizer and
+LR-scheduler state, every rank's RNG states, the data position (rows consumed from the seeded stream) and the
+fingerprint of model + LoRA config + data that a resume must match. trainer_state.json is written last inside the
+temporary directory, and the directory is renamed into place only after it, so a listed checkpoint is complete.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_dir
+from .errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary dirs of an interrupted save start with '.' and are skipped)."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(run_dir, step: int, *, peft_model, optimizer, scheduler, trainer_state: dict,
+                    rng_states: list[dict], keep: int) -> Path:
+    """Write step-NNNNNNN atomically (call on rank 0 only), then delete all but the newest `keep` checkpoints."""
+    path = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    with atomic_dir(path) as tmp:
+        peft_model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng_states.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2) + "\n")
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in checkpoints_dir(run_dir).glob(".step-*"):  # leftovers of a save killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def read_trainer_state(path) -> dict:
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def check_fingerprint(path, fingerprint: str, parts: dict) -> None:
+    """Refuse a checkpoint of another model, LoRA config or data set, naming what differs."""
+    state = read_trainer_state(path)
+    if state.get("fingerprint") == fingerprint:
+        return
+    old = state.get("fingerprint_parts", {})
+    diffs = []
+    for section in sorted(set(old) | set(parts)):
+        a, b = old.get(section), parts.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(section)
+    raise UserError(f"checkpoint {path} was made with a different recipe or data (differs: "
+                    f"{', '.join(diffs) or 'fingerprint'}); use a new --output-dir, or restore the original "
+                    f"--model/--data/LoRA flags")
+
+
+def load_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int) -> dict:
+    """Restore LoRA weights, optimizer, scheduler and this rank's RNG; return trainer_state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    device = next(p for p in peft_model.parameters() if p.requires_grad).device
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
+    result = set_peft_model_state_dict(peft_model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"checkpoint {path}: adapter has weights this model lacks ({unexpected[0]}, ...)")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_states = torch.load(path / "rng_states.pt", weights_only=False)
+    if rank < len(rng_states):
+        restore_rng(rng_states[rank])
+    return read_trainer_state(path)

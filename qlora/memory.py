@@ -1,0 +1,310 @@
+"""Peak GPU memory of one QLoRA training process, from the model config alone (no GPU, no weights).
+
+`python finetune.py --estimate-memory` prints `estimate_for_finetune(...)[1]`; finetune.py refuses a configuration
+whose estimate does not fit the GPU before loading anything, and `--checkpoint-layers auto` picks the fewest
+checkpointed blocks that fit (`choose_checkpoint_layers`).
+
+What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vocab, T = micro-batch x seq tokens):
+  * 4-bit base: 0.5 B/param for the seven projections of every block, plus NF4 quantisation constants (one uint8
+    absmax per 64 weights with double quantisation, one fp32 per 256 of those; 4 B per 64 without).
+  * Unquantised: embeddings and lm_head in bf16 (V x H each; fp32 if upcast), norms.
+  * LoRA: r x (in + out) per targeted projection per block; fp32 master weights (peft's default) and fp32 grads.
+  * Optimizer: 8-bit AdamW 2 B/param (+ fp32 absmax per 2048); 32-bit 8 B/param. Paged optimizers keep their state
+    in CUDA unified memory, outside PyTorch's allocator: counted in the total, not in "peak reserved".
+  * Activations saved for backward, per token and block (the sum of what each op saves, checked against the
+    device, bench/RESULTS.md):
+      fast path (Liger RMSNorm/RoPE/SwiGLU-fused MLP, bf16 LoRA, flex attention):
+        2H norm-1 input + 2H normed + 2H q + 4KV k,v + 2H attention out + 4*heads logsumexp + 2H norm-2 input
+        + 2H normed + 4I gate,up + 7 x 2r LoRA-A outputs                              (111.6 KB on Llama-3-8B)
+      without the fused MLP: + 2I for SiLU(gate)*up
+      plain (transformers RMSNorm in fp32, SiLU then mul, peft): 4H per norm input (fp32), SiLU saves gate, the mul
+        saves SiLU(gate) and up, down_proj's LoRA saves the product: 16H + 4KV + 8I + ...    (~185 KB)
+    A checkpointed block saves only its input (2H); during the backward one block is recomputed at a time.
+  * Loss: fused linear-CE keeps no logits; the chunked fallback keeps one chunk of fp32 logits and their gradient.
+  * Transient in the backward (gradient of the MLP activation and the residual stream; one recomputed block), which
+    comes after the loss's transient, so the peak takes the larger of the two; the allocator's slack (expandable
+    segments: ~0.4 GiB measured) on top; CUDA context (~0.5 GiB) outside the allocator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 2**30
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)        # CUDA context + cuBLAS/Triton workspaces, outside the allocator
+ALLOCATOR_SLACK_BYTES = int(0.4 * GiB)     # reserved - allocated at the peak with expandable segments (measured)
+DEFAULT_BUDGET_FRACTION = 0.9              # use at most 90% of the card (36 GiB of a 40 GB A100)
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+
+
+def projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear projection in one decoder block."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
+    q = cfg["num_attention_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def lora_trainable_params(cfg: dict, r: int = 64, targets=LORA_TARGETS) -> int:
+    shapes = projection_shapes(cfg)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"unknown LoRA target modules {unknown}")
+    return cfg["num_hidden_layers"] * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list = field(default_factory=list)   # (component, bytes, inside_allocator: bool, note)
+    trainable_params: int = 0
+    base_params: int = 0
+    peak_allocated_bytes: int = 0              # what torch.cuda.max_memory_allocated should report
+    peak_reserved_bytes: int = 0               # what torch.cuda.max_memory_reserved should report
+    outside_allocator_bytes: int = 0           # paged optimizer state + CUDA context
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_reserved_bytes + self.outside_allocator_bytes
+
+    def fits(self, gpu_bytes: float) -> bool:
+        return self.total_bytes <= gpu_bytes
+
+    def table(self, gpu_gib: float = 40.0) -> str:
+        s = self.settings
+        lines = [f"Estimated peak GPU memory per process: {s.get('model', 'model')}, seq {s['seq_len']} x micro-batch "
+                 f"{s['micro_batch_size']}, LoRA r={s['lora_r']} on {len(s['lora_targets'])} projections, "
+                 f"{s['checkpoint_layers']}/{s['layers']} blocks checkpointed, kernels {s['kernels']}, "
+                 f"loss {'fused' if s['fused_loss'] else 'chunked'}, optimizer {s['optimizer']}",
+                 f"  trainable parameters: {self.trainable_params:,} "
+                 f"({100 * self.trainable_params / max(1, self.base_params):.2f}% of the "
+                 f"{self.base_params / 1e9:.2f}B base parameters)",
+                 f"  {'component':44s} {'GiB':>8s}  note"]
+        for name, b, inside, note in self.rows:
+            lines.append(f"  {name:44s} {b / GiB:8.2f}  {note}{'' if inside else ' [outside the PyTorch allocator]'}")
+        lines.append(f"  {'peak allocated (torch max_memory_allocated)':44s} {self.peak_allocated_bytes / GiB:8.2f}")
+        lines.append(f"  {'peak reserved (torch max_memory_reserved)':44s} {self.peak_reserved_bytes / GiB:8.2f}")
+        lines.append(f"  {'total on the GPU':44s} {self.total_bytes / GiB:8.2f}")
+        verdict = "fits" if self.fits(gpu_gib * GiB) else "DOES NOT FIT"
+        lines.append(f"  => {verdict} a {gpu_gib:g} GiB GPU ({100 * self.total_bytes / (gpu_gib * GiB):.0f}% of it)")
+        return "\n".join(lines)
+
+    def summary(self, gpu_gib: float = 40.0) -> str:
+        return (f"{self.peak_reserved_bytes / GiB:.1f} GiB reserved + {self.outside_allocator_bytes / GiB:.1f} GiB "
+                f"outside = {self.total_bytes / GiB:.1f} GiB ({'fits' if self.fits(gpu_gib * GiB) else 'does NOT fit'} "
+                f"{gpu_gib:g} GiB)")
+
+
+def activation_bytes_per_token(cfg: dict, *, kernels: str, fused_mlp: bool, lora_r: int, n_targets: int) -> int:
+    """Bytes saved for backward per token by one non-checkpointed decoder block (see module doc)."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim", h // heads)
+    q, kv = heads * hd, cfg["num_key_value_heads"] * hd
+    attention = 2 * q + 4 * kv + 2 * q + 4 * heads            # q, k, v, output, logsumexp (flex / flash)
+    lora = n_targets * 2 * lora_r                              # bf16 LoRA-A outputs
+    if kernels == "liger":
+        norms = 2 * (2 * h) + 2 * 8                              # bf16 inputs + fp32 rstd
+        normed = 2 * (2 * h)                                     # inputs of q/k/v and gate/up (LoRA-A saves them)
+        mlp = 4 * inter + (0 if fused_mlp else 2 * inter)
+        return norms + normed + attention + mlp + lora
+    norms = 2 * (4 * h + 4)                                      # fp32 copy of the input (pow/mul save it)
+    normed = 2 * (2 * h)
+    mlp = 8 * inter                                              # gate, SiLU(gate), up, SiLU(gate)*up
+    return norms + normed + attention + 2 * q + mlp + lora       # + o_proj's contiguous input copy
+
+
+def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, micro_batch_size: int = 1,
+                    lora_r: int = 64, lora_targets=LORA_TARGETS, checkpoint_layers: int = -1,
+                    fused_loss: bool = True, kernels: str = "liger", fused_mlp: bool = True,
+                    optimizer: str = "paged_adamw_8bit", quantize: str = "nf4", double_quant: bool = True,
+                    loss_chunk_size: int = 1024, world_size: int = 1, ddp_bucket_view: bool = False,
+                    upcast: bool = False) -> MemoryEstimate:
+    """Peak memory of one training process. checkpoint_layers: blocks recomputed in the backward (-1: all)."""
+    cfg = dict(LLAMA3_8B if model_config is None else model_config)
+    layers, h, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    n_ckpt = layers if checkpoint_layers < 0 else min(checkpoint_layers, layers)
+    shapes = projection_shapes(cfg)
+    base_linear = layers * sum(i * o for i, o in shapes.values())
+    tokens = seq_len * micro_batch_size
+    est = MemoryEstimate()
+    est.settings = dict(model=cfg.get("_name", "Llama-3-8B shape" if model_config is None else "model"),
+                        seq_len=seq_len, micro_batch_size=micro_batch_size, lora_r=lora_r,
+                        lora_targets=list(lora_targets), checkpoint_layers=n_ckpt, layers=layers, kernels=kernels,
+                        fused_loss=fused_loss, optimizer=optimizer, world_size=world_size)
+    rows = est.rows
+    if quantize == "nf4":
+        consts = base_linear // 64 * (1 if double_quant else 4) + (base_linear // 64 // 256 * 4 if double_quant else 0)
+        rows.append(("4-bit NF4 base (7 projections x blocks)", base_linear // 2, True, f"{base_linear / 1e9:.2f}B params x 0.5 B"))
+        rows.append(("  quantisation constants", consts, True, "absmax per 64 weights" + (" (double-quantised)" if double_quant else "")))
+    else:
+        rows.append(("bf16 base (7 projections x blocks)", base_linear * 2, True, f"{base_linear / 1e9:.2f}B params x 2 B"))
+    unq_dtype = 4 if upcast else 2
+    n_emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    n_norm = (2 * layers + 1) * h
+    rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype, True, f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params"))
+    rows.append(("norms", n_norm * unq_dtype, True, ""))
+    trainable = lora_trainable_params(cfg, lora_r, lora_targets)
+    est.trainable_params, est.base_params = trainable, base_linear + n_emb + n_norm
+    rows.append(("LoRA weights (fp32 masters)", trainable * 4, True, f"{trainable:,} params"))
+    rows.append(("LoRA gradients (fp32)", trainable * 4, True, ""))
+    if world_size > 1 and not ddp_bucket_view:
+        rows.append(("DDP gradient buckets", trainable * 4, True, "a second fp32 copy of the LoRA gradients"))
+    paged = optimizer.startswith("paged")
+    state = trainable * (2 + 8 / 2048) if "8bit" in optimizer else trainable * 8
+    rows.append((f"optimizer state ({optimizer})", int(state), not paged, "2 x uint8 per param" if "8bit" in optimizer else "2 x fp32 per param"))
+    static = sum(b for _, b, inside, _ in rows if inside)
+
+    per_tok = activation_bytes_per_token(cfg, kernels=kernels, fused_mlp=fused_mlp, lora_r=lora_r,
+                                         n_targets=len(lora_targets))
+    block_full = per_tok * tokens
+    block_ckpt = 2 * h * tokens * (2 if upcast else 1)
+    saved = (layers - n_ckpt) * block_full + n_ckpt * block_ckpt
+    rows.append((f"activations: {layers - n_ckpt} blocks kept", (layers - n_ckpt) * block_full, True,
+                 f"{per_tok / 1024:.1f} KiB/token/block x {tokens} tokens"))
+    rows.append((f"activations: {n_ckpt} checkpointed blocks", n_ckpt * block_ckpt, True, "block input only"))
+    if n_ckpt:
+        rows.append(("  one block recomputed in the backward", block_full, True, ""))
+    # transient at the start of the backward: gradient of the residual stream and of the MLP activation
+    transient = tokens * (2 * h + 2 * cfg["intermediate_size"]) if n_ckpt < layers else 0
+    if transient:
+        rows.append(("backward transient (activation gradients)", transient, True, ""))
+    if fused_loss:
+        loss_b = tokens * 2 * h
+        rows.append(("loss: fused linear-CE (no logits)", loss_b, True, "gradient of the last hidden state"))
+    else:
+        chunk = min(loss_chunk_size, tokens)
+        loss_b = tokens * 2 * h + chunk * v * (2 + 4 + 4 + 2)
+        rows.append((f"loss: chunked CE, {chunk}-token logits", loss_b, True, "bf16 + fp32 logits and their gradient"))
+    # The loss's transient (at the start of the backward) and the blocks' (recompute, activation gradients) come one
+    # after the other: the peak is the larger of the two on top of everything saved.
+    blocks_phase = (block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)
+    peak = static + saved + max(loss_b, blocks_phase)
+    est.peak_allocated_bytes = int(peak)
+    est.peak_reserved_bytes = int(peak + ALLOCATOR_SLACK_BYTES)
+    rows.append(("allocator slack (reserved - allocated)", ALLOCATOR_SLACK_BYTES, True, "expandable segments"))
+    outside = CUDA_CONTEXT_BYTES + (int(state) if paged else 0)
+    rows.append(("CUDA context", CUDA_CONTEXT_BYTES, False, ""))
+    est.outside_allocator_bytes = outside
+    return est
+
+
+def choose_checkpoint_layers(model_config: dict | None, budget_bytes: float, **kw) -> int | None:
+    """Fewest checkpointed blocks whose estimate fits budget_bytes (total on the GPU); None if even all do not."""
+    layers = (model_config or LLAMA3_8B)["num_hidden_layers"]
+    for n in range(layers + 1):
+        if estimate_memory(model_config, checkpoint_layers=n, **kw).total_bytes <= budget_bytes:
+            return n
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- finetune.py glue
+def _liger_installed() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_kernels(requested: str, device_type: str | None) -> str:
+    """'liger' or 'none'. device_type None = planning for a GPU (--estimate-memory on a machine without one)."""
+    from .errors import UserError
+
+    if requested == "none":
+        return "none"
+    on_gpu = device_type in (None, "cuda")
+    if requested == "liger":
+        if not on_gpu:
+            raise UserError("--kernels liger: the fast path needs a CUDA GPU (Triton kernels); use --kernels auto or "
+                            "none on CPU")
+        if not _liger_installed():
+            raise UserError("--kernels liger: liger-kernel is not installed (bash install_prereqs, or pip install "
+                            "liger-kernel); or use --kernels none")
+        return "liger"
+    return "liger" if on_gpu and _liger_installed() else "none"
+
+
+def resolve_speed_settings(cfg, *, model_config: dict | None, max_len: int | None, world_size: int = 1,
+                           device_type: str | None = None, gpu_total_bytes: int | None = None) -> dict:
+    """finetune.py's kernels and checkpointed blocks, resolved before loading, with the estimate that justifies them.
+
+    Returns {"kernels": "liger"|"none", "checkpoint_layers": -1 (all) | N, "gpu_gib": float, "estimate": ...}.
+    """
+    from .errors import UserError
+
+    kernels = resolve_kernels(getattr(cfg, "kernels", "auto"), device_type)
+    gpu_gib = float(getattr(cfg, "gpu_memory_gib", None) or (gpu_total_bytes / GiB if gpu_total_bytes else 40.0))
+    layers = (model_config or LLAMA3_8B)["num_hidden_layers"]
+    requested = str(getattr(cfg, "checkpoint_layers", "auto"))
+    low = getattr(cfg, "low_memory", False)
+    if not getattr(cfg, "gradient_checkpointing", True):
+        if low:
+            raise UserError("--low-memory recomputes every block: drop --no-gradient-checkpointing")
+        n = 0
+    elif low or requested == "all":
+        n = -1
+    elif requested.isdigit():
+        n = -1 if int(requested) >= layers else int(requested)
+    elif device_type == "cpu":
+        n = -1
+    else:
+        kw = recipe_from_config(cfg, kernels=kernels)
+        kw.pop("checkpoint_layers")
+        n = choose_checkpoint_layers(model_config, DEFAULT_BUDGET_FRACTION * gpu_gib * GiB, seq_len=max_len or 8192,
+                                     world_size=world_size, **kw)
+        n = -1 if n is None or n >= layers else n
+    kw = recipe_from_config(cfg, kernels=kernels)
+    kw["checkpoint_layers"] = n
+    est = estimate_memory(model_config, seq_len=max_len or 8192, world_size=world_size, **kw)
+    return {"kernels": kernels, "checkpoint_layers": n, "gpu_gib": gpu_gib, "estimate": est}
+
+
+def check_fits(settings: dict) -> None:
+    """One-line refusal, naming the knobs, when the estimated peak does not fit the GPU."""
+    from .errors import UserError
+
+    est, gpu_gib = settings["estimate"], settings["gpu_gib"]
+    if est.fits(gpu_gib * GiB):
+        return
+    s = est.settings
+    knobs = []
+    if s["micro_batch_size"] > 1:
+        knobs.append("--micro-batch-size 1 (raise --grad-accum instead)")
+    if s["checkpoint_layers"] < s["layers"]:
+        knobs.append("--checkpoint-layers all or --low-memory")
+    if s["kernels"] != "liger":
+        knobs.append("--kernels auto on a GPU with liger-kernel installed")
+    knobs.append("a smaller pretokenize.py --max-len")
+    raise UserError(f"estimated peak GPU memory {est.total_bytes / GiB:.1f} GiB does not fit the {gpu_gib:g} GiB GPU "
+                    f"(seq {s['seq_len']} x micro-batch {s['micro_batch_size']}, {s['checkpoint_layers']}/{s['layers']} "
+                    f"blocks recomputed; python finetune.py --estimate-memory ... shows the table): try "
+                    + ", ".join(knobs) + " (or --gpu-memory-gib if the GPU is larger)")
+
+
+def recipe_from_config(cfg, kernels: str | None = None) -> dict:
+    """estimate_memory keywords for a finetune TrainConfig (fields read with defaults, so older configs work)."""
+    if kernels is None:
+        kernels = resolve_kernels(getattr(cfg, "kernels", "auto"), None)
+    ckpt = str(getattr(cfg, "checkpoint_layers", "all"))
+    if not getattr(cfg, "gradient_checkpointing", True):
+        ckpt = 0
+    elif getattr(cfg, "low_memory", False) or ckpt == "all":
+        ckpt = -1
+    elif ckpt.lstrip("-").isdigit():
+        ckpt = int(ckpt)
+    return dict(micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_target_modules),
+                checkpoint_layers=ckpt, kernels=kernels, fused_mlp=kernels == "liger", fused_loss=kernels == "liger",
+                optimizer=cfg.optimizer, quantize=cfg.quantize, loss_chunk_size=getattr(cfg, "loss_chunk_size", 1024))
+
+
+def estimate_for_finetune(cfg, *, model_config: dict | None = None, max_len: int | None = None,
+                          world_size: int = 1, device_type: str | None = None,
+                          gpu_total_bytes: int | None = None) -> tuple[str, str]:
+    """(one-line summary, full table) for finetune.py's config ("auto" settings resolved as training would)."""
+    st = resolve_speed_settings(cfg, model_config=model_config, max_len=max_len, world_size=world_size,
+                                device_type=device_type, gpu_total_bytes=gpu_total_bytes)
+    return st["estimate"].summary(st["gpu_gib"]), st["estimate"].table(st["gpu_gib"])

@@ -1,0 +1,304 @@
+"""finetune.py end to end on CPU with the tiny model: run directory (contract 4), stop protocol and resume equality,
+continuing with a larger --max-steps, config precedence, --help, and every one-line error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from qlora.config import TrainConfig, build_parser, resolve_config
+from qlora.errors import UserError, run_main
+from shard_fixtures import random_rows, write_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def args_for(model, data, run, *extra):
+    return ["--model", str(model), "--data", str(data), "--output-dir", str(run), "--micro-batch-size", "2",
+            "--grad-accum", "2", "--lr", "5e-3", "--save-every", "2", "--eval-every", "3", "--keep-checkpoints", "2",
+            "--seed", "0", *[str(e) for e in extra]]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def reached(run: Path, step: int) -> bool:
+    """metrics.jsonl shows `step` (read while the run appends to it: a half-written last line is not an error)."""
+    try:
+        return (run / "metrics.jsonl").exists() and step in train_losses(run)
+    except ValueError:
+        return False
+
+
+def stop_when(run: Path, step: int, action) -> threading.Thread:
+    """Call action() once metrics.jsonl shows `step` (from a thread, as a job scheduler would, mid-run)."""
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if reached(run, step):
+                action()
+                return
+            time.sleep(0.02)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir, finetune_task_data):
+    """An uninterrupted 6-step run: the reference for the resume tests."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_run_directory_has_everything_of_contract_4(reference_run, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qlora.llama3 import load_tokenizer
+    from qlora.model import load_base_model
+
+    run = reference_run
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 6 and status["max_steps"] == 6
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["lora_r"] == 64 and cfg["config"]["optimizer"] == "paged_adamw_8bit"
+    assert cfg["resolved"]["tokens_per_step"] == 4 * 64 and cfg["resolved"]["trainable_params"] > 0
+    assert cfg["versions"]["torch"] and cfg["versions"]["peft"] and "git_commit" in cfg
+    losses = train_losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in vals] == [3, 6] and all(v["val_label_tokens"] > 0 for v in vals)
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000004", "step-0000006"]
+    ckpt = run / "checkpoints" / "step-0000006"
+    for name in ("adapter/adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_states.pt",
+                 "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["rows_consumed"] == 6 * 4 and state["fingerprint"]
+    # Final adapter: PEFT format + tokenizer, loadable by plain peft, same weights as the last checkpoint.
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (run / "adapter" / name).is_file(), name
+    load_tokenizer(run / "adapter")
+    model = PeftModel.from_pretrained(load_base_model(tiny_model_dir), str(run / "adapter"))
+    want = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    got = {k: v for k, v in model.named_parameters() if "lora_" in k}
+    assert len(got) == len(want) > 0
+    for k, v in want.items():
+        key = k.replace(".weight", ".default.weight")
+        assert torch.equal(got[key].float().cpu(), v.float()), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["stop_file", "sigusr1"])
+def test_stop_then_resume_gives_the_same_losses(reference_run, tiny_model_dir, finetune_task_data, tmp_path, how):
+    """Stop protocol mid-run, rerun the same command: per-step losses equal the uninterrupted run's
+    (tolerance: 1e-6 relative; CPU runs are deterministic, so they are in fact identical)."""
+    run = tmp_path / "run"
+    argv = args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)
+    if how == "stop_file":
+        stop_when(run, 2, lambda: (run / "stop_requested").touch())
+    else:
+        stop_when(run, 2, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    assert finetune.main(argv) == 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped", status
+    stopped_at = status["step"]
+    assert 2 <= stopped_at < 6
+    assert (run / f"checkpoints/step-{stopped_at:07d}/trainer_state.json").is_file()
+    assert not (run / "adapter").exists()
+    # stale stop file from the previous job is removed at start; the rerun continues to the end
+    assert finetune.main(argv) == 0
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert not (run / "stop_requested").exists()
+    ref, got = train_losses(reference_run), train_losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_the_last_complete_checkpoint(reference_run, tiny_model_dir, finetune_task_data,
+                                                              tmp_path):
+    """kill -9 after step 3 (checkpoint at 2); the rerun drops the metrics of step 3 and repeats it exactly."""
+    run = tmp_path / "run"
+    argv = args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if reached(run, 3):
+                break
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # killed: nobody could update it
+    assert finetune.main(argv) == 0
+    ref, got = train_losses(reference_run), train_losses(run)
+    assert sorted(got) == sorted(ref)  # step 3's first record was dropped, not duplicated
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_larger_max_steps_continues_a_finished_run(tiny_model_dir, finetune_task_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 2)) == 0
+    capsys.readouterr()
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 2)) == 0
+    assert "already finished at step 2" in capsys.readouterr().out
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 3)) == 0
+    assert sorted(train_losses(run)) == [1, 2, 3]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 3
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["resumed_from"].endswith("step-0000002")
+
+
+def test_checkpoint_of_another_recipe_is_refused(reference_run, tiny_model_dir, finetune_task_data):
+    argv = args_for(tiny_model_dir, finetune_task_data, reference_run, "--max-steps", 8, "--lora-r", 8)
+    with pytest.raises(UserError, match=r"different recipe or data \(differs: lora\.lora_r\)"):
+        finetune.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+def test_yaml_config_is_overridden_by_the_command_line(tmp_path):
+    cfg_file = tmp_path / "r.yaml"
+    cfg_file.write_text("lr: 1.0e-4\nmicro-batch-size: 3\nlora_target_modules: q_proj,v_proj\nmax_steps: 10\n")
+    cfg = resolve_config(["--config", str(cfg_file), "--model", "m", "--data", "d", "--output-dir", "o",
+                          "--lr", "3e-4"])
+    assert cfg.lr == 3e-4 and cfg.micro_batch_size == 3 and cfg.max_steps == 10
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora_r == 64 and cfg.gradient_checkpointing is True and cfg.lora_dropout == 0.0
+    cfg_file.write_text("learning_rate: 1\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        resolve_config(["--config", str(cfg_file), "--model", "m", "--data", "d", "--output-dir", "o"])
+    with pytest.raises(UserError, match="either --max-steps or --epochs"):
+        resolve_config(["--model", "m", "--data", "d", "--output-dir", "o", "--max-steps", "3", "--epochs", "1"])
+    assert resolve_config(["--model", "m", "--data", "d", "--output-dir", "o",
+                           "--no-gradient-checkpointing"]).gradient_checkpointing is False
+
+
+def test_help_explains_every_flag():
+    text = build_parser(finetune.__doc__).format_help()
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "--config" in text and "--no-gradient-checkpointing" in text
+    assert "prepare_model_for_kbit_training" in text  # the docstring's reason for not upcasting
+
+
+def test_estimate_memory_exits_without_loading_a_model(capsys):
+    try:
+        import qlora.memory  # noqa: F401
+        have_estimator = True
+    except ImportError:
+        have_estimator = False
+    code = finetune.main(["--estimate-memory"])
+    out = capsys.readouterr().out
+    if have_estimator:
+        assert code == 0 and out.strip()
+    else:
+        assert code == 1 and "not available yet" in out
+
+
+# ----------------------------------------------------------------------------------------------- one-line errors
+@pytest.fixture(scope="module")
+def error_cases(tmp_path_factory, tiny_model_dir, finetune_task_data):
+    """Every bad input as (argv, extra env); all run as subprocesses in parallel to keep the suite fast."""
+    tmp = tmp_path_factory.mktemp("errors")
+    incomplete = tmp / "incomplete"
+    shutil.copytree(tiny_model_dir, incomplete)
+    (incomplete / "tokenizer.json").unlink()
+    (incomplete / "model.safetensors").unlink()
+    short_ctx = tmp / "short_ctx"
+    shutil.copytree(tiny_model_dir, short_ctx)
+    conf = json.loads((short_ctx / "config.json").read_text())
+    conf["max_position_embeddings"] = 32
+    (short_ctx / "config.json").write_text(json.dumps(conf))
+    other_tok = write_rows(tmp / "other_tok", tiny_model_dir, 64, random_rows(tiny_model_dir, 4, 64),
+                           tokenizer_sha256="0" * 64)
+    empty = write_rows(tmp / "empty", tiny_model_dir, 64, [])
+    fake_bnb = tmp / "fake_bnb" / "bitsandbytes"
+    fake_bnb.mkdir(parents=True)
+    (fake_bnb / "__init__.py").write_text("")
+    (fake_bnb / "functional.py").write_text(
+        "def quantize_4bit(*a, **k):\n    raise RuntimeError('CUDA Setup failed: libbitsandbytes_cuda126.so not found')\n")
+    cases = {
+        "missing_model": (args_for(tmp / "nope", finetune_task_data, tmp / "r1"), {},
+                          "no such directory"),
+        "incomplete_model": (args_for(incomplete, finetune_task_data, tmp / "r2"), {},
+                             r"incomplete model directory, missing: tokenizer\.json, \*\.safetensors"),
+        "other_tokenizer": (args_for(tiny_model_dir, other_tok, tmp / "r3"), {},
+                            "shards were made with another tokenizer"),
+        "max_len_above_context": (args_for(short_ctx, finetune_task_data, tmp / "r4"), {},
+                                  r"max_len 64 exceeds the model's context \(max_position_embeddings=32"),
+        "empty_data": (args_for(tiny_model_dir, empty, tmp / "r5"), {}, "the train split has no rows"),
+        "no_bnb_backend": (args_for(tiny_model_dir, finetune_task_data, tmp / "r6"),
+                           {"PYTHONPATH": f"{fake_bnb.parent}{os.pathsep}{ROOT}"},
+                           "bitsandbytes has no working backend on cpu .*CUDA Setup failed"),
+        "bad_flag_combination": (args_for(tiny_model_dir, finetune_task_data, tmp / "r7", "--max-steps", 2,
+                                          "--epochs", 1), {}, "give either --max-steps or --epochs"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *argv], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+             for name, (argv, env, _) in cases.items()}
+    results = {name: (p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for name, p in procs.items()}
+    return {name: (*results[name], cases[name][2]) for name in cases}
+
+
+@pytest.mark.parametrize("name", ["missing_model", "incomplete_model", "other_tokenizer", "max_len_above_context",
+                                  "empty_data", "no_bnb_backend", "bad_flag_combination"])
+def test_bad_input_gives_one_line_error(error_cases, name):
+    import re
+
+    code, out, err, pattern = error_cases[name]
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("finetune.py: error: ") and re.search(pattern, lines[0]), lines[0]
+
+
+def test_cuda_out_of_memory_names_the_knobs(tiny_model_dir, finetune_task_data, tmp_path, monkeypatch, capsys):
+    """OOM cannot happen on a CPU runner: raise the real exception type from inside the training forward."""
+    import qlora.model
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(qlora.model, "forward_loss", oom)
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: finetune.main(args_for(tiny_model_dir, finetune_task_data, tmp_path / "run",
+                                                "--max-steps", 1)))
+    assert exc.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert lines[-1].startswith("finetune.py: error: CUDA out of memory")
+    for knob in ("--micro-batch-size", "--max-len", "--gradient-checkpointing", "--low-memory"):
+        assert knob in lines[-1]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"

@@ -1,0 +1,169 @@
+"""GPU-only checks of the fast path (qlora/speed.py) against the plain reference path, on a small Llama-3-shaped model.
+
+Run on a CUDA machine: `python -m pytest -q -m gpu tests/test_gpu.py` (skipped on CPU). Output recorded in
+bench/RESULTS.md. Tolerances: both paths compute in bf16 with fp32 accumulation, in a different order (fused kernels,
+one addmm instead of add chains, flex vs sdpa attention), so losses agree to ~1e-3 relative; we allow 1e-2 for the
+loss and a gradient cosine similarity of at least 0.99.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+LOSS_RTOL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    from qlora.tiny_model import build_tiny_llama3
+
+    # 4 blocks, hidden 512, 8 heads / 2 KV heads (head_dim 64), untied lm_head like Llama-3-8B
+    return build_tiny_llama3(tmp_path_factory.mktemp("gpu") / "model", layers=4, hidden=512, intermediate=1024,
+                             heads=8, kv_heads=2, tie_word_embeddings=False)
+
+
+def make_model(model_dir, *, kernels, attn, checkpoint_layers=-1, seed=0):
+    from qlora.model import apply_lora, load_base_model
+
+    base = load_base_model(model_dir, quantize="nf4", attn_implementation=attn, device="cuda")
+    model = apply_lora(base, r=16, alpha=16, dropout=0.0, gradient_checkpointing=checkpoint_layers != 0,
+                       checkpoint_layers=checkpoint_layers, kernels=kernels, seed=seed)
+    # non-zero B so the LoRA branch changes the output (peft initialises B to zero)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    model.train()
+    return model
+
+
+def packed_batch(doc_lens, seq, seed=0):
+    from qlora.llama3 import BOS_ID, END_OF_TEXT_ID, PAD_ID
+
+    g = torch.Generator().manual_seed(seed)
+    ids, labels, pos = [], [], []
+    for n in doc_lens:
+        d = [BOS_ID] + torch.randint(1000, 120000, (n - 2,), generator=g).tolist() + [END_OF_TEXT_ID]
+        ids += d
+        labels += [-100] + d[1:]
+        pos += list(range(n))
+    pad = seq - len(ids)
+    ids += [PAD_ID] * pad
+    labels += [-100] * pad
+    pos += list(range(pad))
+    t = lambda x: torch.tensor([x], device="cuda")  # noqa: E731
+    return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos)}
+
+
+def loss_and_grads(model, batch):
+    from qlora.model import forward_loss
+
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = forward_loss(model, batch)
+    (loss_sum / n).backward()
+    grads = {k: p.grad.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
+    return float(loss_sum / n), grads
+
+
+def cosine(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_fast_path_loss_and_grads_match_reference(small_model_dir):
+    batch = packed_batch([700, 300, 900, 100], 2048)
+    ref = make_model(small_model_dir, kernels="none", attn="sdpa")
+    fast = make_model(small_model_dir, kernels="liger", attn="flex_attention")
+    assert getattr(fast, "_qlora_fused_loss", False) and not getattr(ref, "_qlora_fused_loss", False)
+    l_ref, g_ref = loss_and_grads(ref, batch)
+    l_fast, g_fast = loss_and_grads(fast, batch)
+    print(f"reference loss {l_ref:.6f}, fast loss {l_fast:.6f}, rel diff {abs(l_fast - l_ref) / l_ref:.2e}")
+    assert abs(l_fast - l_ref) <= LOSS_RTOL * abs(l_ref)
+    cos = {k: cosine(g_ref[k], g_fast[k]) for k in g_ref}
+    worst = min(cos, key=cos.get)
+    print(f"gradient cosine similarity: min {cos[worst]:.5f} ({worst}), mean {sum(cos.values()) / len(cos):.5f}")
+    assert cos[worst] >= 0.99
+
+
+def test_partial_checkpointing_same_loss_and_grads(small_model_dir):
+    batch = packed_batch([1000, 1048], 2048, seed=3)
+    every = make_model(small_model_dir, kernels="liger", attn="flex_attention", checkpoint_layers=-1)
+    l_all, g_all = loss_and_grads(every, batch)
+    del every
+    two = make_model(small_model_dir, kernels="liger", attn="flex_attention", checkpoint_layers=2)
+    from qlora.speed import decoder_layers
+
+    assert [bool(getattr(layer, "gradient_checkpointing", False)) for layer in decoder_layers(two)] == \
+        [True, True, False, False]
+    l_two, g_two = loss_and_grads(two, batch)
+    assert l_two == pytest.approx(l_all, rel=1e-4)
+    assert min(cosine(g_all[k], g_two[k]) for k in g_all) >= 0.999
+
+
+@pytest.mark.parametrize("kernels,attn", [("liger", "flex_attention"), ("none", "flex_attention"), ("none", "sdpa")])
+def test_document_isolation(small_model_dir, kernels, attn):
+    """The loss of a document inside a packed row equals its loss alone (its neighbours' labels masked)."""
+    model = make_model(small_model_dir, kernels=kernels, attn=attn)
+    from qlora.model import forward_loss
+
+    row = packed_batch([600, 500, 800], 2048, seed=5)
+    alone = packed_batch([500], 2048, seed=99)  # one shape for all tests: flex attention compiles once
+    # put the same 500-token document in the middle of the row
+    row["input_ids"][0, 600:1100] = alone["input_ids"][0, :500]
+    row["labels"][0, :] = -100
+    row["labels"][0, 600:1100] = alone["labels"][0, :500]
+    with torch.no_grad():
+        l_row, n_row = forward_loss(model, row)
+        l_alone, n_alone = forward_loss(model, alone)
+    assert int(n_row) == int(n_alone) == 499
+    print(f"{kernels}/{attn}: in row {float(l_row) / 499:.6f}, alone {float(l_alone) / 499:.6f}")
+    assert float(l_row) == pytest.approx(float(l_alone), rel=LOSS_RTOL)
+
+
+def test_bf16_reaches_4bit_matmuls_on_fast_path(small_model_dir):
+    import bitsandbytes as bnb
+
+    model = make_model(small_model_dir, kernels="liger", attn="flex_attention")
+    seen = set()
+    orig = bnb.functional.dequantize_4bit
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        seen.add(out.dtype)
+        return out
+
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.add(args[0].dtype))
+             for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    bnb.functional.dequantize_4bit = spy
+    try:
+        loss_and_grads(model, packed_batch([512, 1536], 2048))
+    finally:
+        bnb.functional.dequantize_4bit = orig
+        for h in hooks:
+            h.remove()
+    assert seen == {torch.bfloat16}
+
+
+def test_fast_path_adapter_loads_in_plain_peft(small_model_dir, tmp_path):
+    """Train two steps on the fast path, save, load into a plain peft model: same loss on a new batch."""
+    from peft import PeftModel
+
+    from qlora.model import forward_loss, load_base_model
+
+    fast = make_model(small_model_dir, kernels="liger", attn="flex_attention")
+    opt = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-3)
+    for s in range(2):
+        loss_and_grads(fast, packed_batch([1024, 1024], 2048, seed=10 + s))
+        opt.step()
+    fast.save_pretrained(tmp_path / "adapter")
+    batch = packed_batch([700, 1348], 2048, seed=42)
+    with torch.no_grad():
+        l_fast, n = forward_loss(fast, batch)
+    plain = PeftModel.from_pretrained(load_base_model(small_model_dir, quantize="nf4", attn_implementation="sdpa",
+                                                      device="cuda"), tmp_path / "adapter")
+    with torch.no_grad():
+        l_plain, n2 = forward_loss(plain, batch)
+    print(f"after 2 fast steps: fast-path loss {float(l_fast) / float(n):.6f}, plain peft {float(l_plain) / float(n2):.6f}")
+    assert float(l_plain) == pytest.approx(float(l_fast), rel=LOSS_RTOL)

@@ -1,0 +1,128 @@
+"""qlora/memory.py: the peak-memory estimator (CPU only; numbers checked against the device in bench/RESULTS.md)."""
+from __future__ import annotations
+
+import pytest
+
+from qlora.memory import GiB, LLAMA3_8B, choose_checkpoint_layers, estimate_for_finetune, estimate_memory
+from qlora.tiny_model import LLAMA3_8B_CONFIG
+
+
+def test_trainable_parameters_llama3_8b_r64():
+    est = estimate_memory(LLAMA3_8B_CONFIG, lora_r=64)
+    assert est.trainable_params == 167_772_160
+    table = est.table(40)
+    assert "167,772,160" in table and "2.09%" in table
+
+
+# Measured on an H100 (bench/RESULTS.md, 2026-11-23): peak reserved GiB of the fast path at seq 8192, micro-batch 1.
+# The first four: bench_train.py's plain-peft levers; the rest: finetune.py itself (default, --low-memory, --kernels none).
+MEASURED = [(dict(checkpoint_layers=-1), 10.0), (dict(checkpoint_layers=-1, fused_mlp=False), 10.0),
+            (dict(checkpoint_layers=8), 28.1), (dict(checkpoint_layers=0), 34.5),
+            (dict(checkpoint_layers=0), 34.2), (dict(checkpoint_layers=-1), 10.0),
+            (dict(seq_len=4096, checkpoint_layers=0), 20.4), (dict(seq_len=4096, checkpoint_layers=-1), 8.2),
+            (dict(checkpoint_layers=-1, kernels="none", fused_mlp=False, fused_loss=False), 10.8)]
+
+
+@pytest.mark.parametrize("kw,measured", MEASURED)
+def test_estimate_within_10_percent_of_device(kw, measured):
+    kw = {"seq_len": 8192, **kw}
+    est = estimate_memory(LLAMA3_8B_CONFIG, **kw)
+    assert abs(est.peak_reserved_bytes / GiB - measured) <= 0.1 * measured
+
+
+def test_memory_grows_with_tokens_and_kept_blocks():
+    e = lambda **kw: estimate_memory(LLAMA3_8B_CONFIG, **kw).peak_reserved_bytes  # noqa: E731
+    assert e(seq_len=4096) < e(seq_len=8192) < e(seq_len=16384)
+    assert e(micro_batch_size=2) > e(micro_batch_size=1)
+    assert e(checkpoint_layers=-1) < e(checkpoint_layers=8) < e(checkpoint_layers=0)
+    assert e(kernels="none", fused_mlp=False, fused_loss=False) > e()
+    assert e(upcast=True) > e()
+
+
+def test_paged_optimizer_state_outside_allocator():
+    paged = estimate_memory(LLAMA3_8B, optimizer="paged_adamw_8bit")
+    plain = estimate_memory(LLAMA3_8B, optimizer="adamw_torch")
+    assert paged.peak_reserved_bytes < plain.peak_reserved_bytes
+    assert plain.peak_reserved_bytes - paged.peak_reserved_bytes == pytest.approx(167_772_160 * 8, rel=1e-6)
+
+
+def test_choose_checkpoint_layers_spends_the_budget():
+    n8k = choose_checkpoint_layers(LLAMA3_8B, 36 * GiB, seq_len=8192)
+    n16k = choose_checkpoint_layers(LLAMA3_8B, 36 * GiB, seq_len=16384)
+    assert n8k is not None and n16k is not None and n16k > n8k
+    assert estimate_memory(LLAMA3_8B, seq_len=16384, checkpoint_layers=n16k).total_bytes <= 36 * GiB
+    assert estimate_memory(LLAMA3_8B, seq_len=16384, checkpoint_layers=n16k - 1).total_bytes > 36 * GiB
+    assert choose_checkpoint_layers(LLAMA3_8B, 8 * GiB, seq_len=8192) is None  # nothing fits 8 GiB
+
+
+def test_fits_and_table_verdict():
+    est = estimate_memory(LLAMA3_8B, seq_len=32768, checkpoint_layers=0)
+    assert not est.fits(40 * GiB) and "DOES NOT FIT" in est.table(40)
+    small = estimate_memory(LLAMA3_8B, seq_len=4096, checkpoint_layers=-1)
+    assert small.fits(40 * GiB) and "=> fits" in small.table(40)
+
+
+def test_estimate_for_finetune_reads_train_config():
+    from qlora.config import TrainConfig
+
+    cfg = TrainConfig()
+    summary, table = estimate_for_finetune(cfg, model_config=None, max_len=8192, world_size=1)
+    assert "GiB" in summary and "167,772,160" in table
+
+
+def _cfg(**kw):
+    from qlora.config import TrainConfig
+
+    return TrainConfig(**kw)
+
+
+def test_resolve_speed_settings_on_cpu_and_gpu():
+    from qlora.memory import resolve_speed_settings
+
+    cpu = resolve_speed_settings(_cfg(), model_config=None, max_len=8192, device_type="cpu")
+    assert cpu["kernels"] == "none" and cpu["checkpoint_layers"] == -1
+    gpu40 = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
+    assert gpu40["checkpoint_layers"] == 0 and gpu40["estimate"].fits(40 * GiB)
+    long = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=16384, device_type="cuda")
+    assert 0 < long["checkpoint_layers"] < 32
+    low = resolve_speed_settings(_cfg(low_memory=True), model_config=None, max_len=8192, device_type="cuda",
+                                 gpu_total_bytes=80 * GiB)
+    assert low["checkpoint_layers"] == -1 and low["estimate"].peak_reserved_bytes < 12 * GiB
+    assert resolve_speed_settings(_cfg(checkpoint_layers="5"), model_config=None, max_len=8192,
+                                  device_type="cuda")["checkpoint_layers"] == 5
+    off = resolve_speed_settings(_cfg(gradient_checkpointing=False), model_config=None, max_len=8192,
+                                 device_type="cuda")
+    assert off["checkpoint_layers"] == 0
+
+
+def test_bad_speed_settings_are_one_line_errors():
+    from qlora.errors import UserError
+    from qlora.memory import resolve_speed_settings
+
+    with pytest.raises(UserError, match="--kernels liger"):
+        resolve_speed_settings(_cfg(kernels="liger"), model_config=None, max_len=8192, device_type="cpu")
+    with pytest.raises(UserError, match="--low-memory"):
+        resolve_speed_settings(_cfg(low_memory=True, gradient_checkpointing=False), model_config=None,
+                               max_len=8192, device_type="cuda")
+
+
+def test_check_fits_refuses_naming_the_knobs():
+    from qlora.errors import UserError
+    from qlora.memory import check_fits, resolve_speed_settings
+
+    st = resolve_speed_settings(_cfg(micro_batch_size=4, checkpoint_layers="0", gpu_memory_gib=40.0),
+                                model_config=None, max_len=8192, device_type="cuda")
+    with pytest.raises(UserError) as e:
+        check_fits(st)
+    msg = str(e.value)
+    assert "\n" not in msg and "does not fit the 40 GiB GPU" in msg
+    for knob in ("--micro-batch-size", "--checkpoint-layers all", "--low-memory", "--max-len"):
+        assert knob in msg
+    check_fits(resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192,
+                                      device_type="cuda"))  # the default fits
+
+
+def test_ddp_adds_gradient_buckets():
+    one = estimate_memory(LLAMA3_8B, world_size=1)
+    two = estimate_memory(LLAMA3_8B, world_size=2)
+    assert two.peak_reserved_bytes - one.peak_reserved_bytes == 167_772_160 * 4

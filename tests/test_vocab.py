@@ -1,0 +1,167 @@
+"""Hand vocabulary: every file format, specials, errors with file:line, ids <-> text round trip."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qlora.errors import UserError
+from qlora.vocab import SequenceError, load_hand_vocab
+
+SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample"
+TOKENS = ["<pad>", "<s>", "</s>", "<sep>", "C4", "D4", "E4", "F#4"]
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def all_formats(tmp_path, tokens=TOKENS):
+    return {
+        "json token->id": write(tmp_path, "t2i.json", json.dumps({t: i for i, t in enumerate(tokens)}, indent=1)),
+        "json id->token": write(tmp_path, "i2t.json", json.dumps({str(i): t for i, t in enumerate(tokens)})),
+        "json list": write(tmp_path, "list.json", json.dumps(tokens)),
+        "one per line": write(tmp_path, "vocab.txt", "\n".join(tokens) + "\n"),
+        "token<TAB>id": write(tmp_path, "vocab.tsv", "".join(f"{t}\t{i}\n" for i, t in enumerate(tokens))),
+    }
+
+
+def test_every_format_gives_the_same_vocabulary(tmp_path):
+    vocabs = {k: load_hand_vocab(p) for k, p in all_formats(tmp_path).items()}
+    expected = {t: i for i, t in enumerate(TOKENS)}
+    for kind, v in vocabs.items():
+        assert v.token_to_id == expected, kind
+        assert v.id_to_token == {i: t for t, i in expected.items()}, kind
+        assert v.specials.as_dict() == {"pad": 0, "bos": 1, "eos": 2, "sep": 3, "unk": None}, kind
+    # The hash is of the mapping, not of the file bytes: the same vocabulary in any format hashes the same.
+    assert len({v.sha256 for v in vocabs.values()}) == 1
+    assert len({v.file_sha256 for v in vocabs.values()}) == len(vocabs)
+
+
+def test_sparse_ids_and_tsv_in_any_order(tmp_path):
+    v = load_hand_vocab(write(tmp_path, "v.tsv", "x\t10\n[PAD]\t0\ny\t7\n"))
+    assert v.id_to_token == {10: "x", 0: "[PAD]", 7: "y"}
+    assert v.specials.pad == 0 and v.specials["pad"] == 0 and v.specials.get("sep") is None
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["[PAD]", "[CLS]", "[SEP]", "[UNK]", "a"], {"pad": 0, "bos": 1, "eos": None, "sep": 2, "unk": 3}),
+    (["<|pad|>", "<bos>", "<eos>", "<|sep|>", "<unk>", "a"], {"pad": 0, "bos": 1, "eos": 2, "sep": 3, "unk": 4}),
+    (["a", "b"], {"pad": None, "bos": None, "eos": None, "sep": None, "unk": None}),
+])
+def test_common_special_names_are_recognised(tmp_path, names, expected):
+    assert load_hand_vocab(write(tmp_path, "v.json", json.dumps(names))).specials.as_dict() == expected
+
+
+def test_flags_override_and_disable_specials(tmp_path):
+    p = write(tmp_path, "v.json", json.dumps(["<pad>", "<sep>", "|", "a", "b"]))
+    v = load_hand_vocab(p, specials={"sep": "|", "pad": ""})
+    assert v.specials.sep == 2 and v.specials.pad is None
+    with pytest.raises(UserError, match=r"^--sep-token 'SEP': not a token of the vocabulary .*v\.json$"):
+        load_hand_vocab(p, specials={"sep": "SEP"})
+    with pytest.raises(UserError, match="both the pad and the sep token"):
+        load_hand_vocab(p, specials={"sep": "<pad>"})
+
+
+def test_several_candidates_for_one_role_must_be_chosen(tmp_path):
+    p = write(tmp_path, "v.json", json.dumps(["<pad>", "[PAD]", "a"]))
+    with pytest.raises(UserError, match=r"several pad tokens \(<pad>, \[PAD\]\); choose one with --pad-token"):
+        load_hand_vocab(p)
+    assert load_hand_vocab(p, specials={"pad": "[PAD]"}).specials.pad == 1
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("dup.json", '{\n "a": 0,\n "b": 1,\n "a": 2\n}', r"dup\.json:4: duplicate token 'a' \(first at line 2\)"),
+    ("dupid.json", '{\n "a": 0,\n "b": 0\n}', r"dupid\.json:3: duplicate id 0"),
+    ("dup.tsv", "a\t0\nb\t1\na\t2\n", r"dup\.tsv:3: duplicate token 'a'"),
+    ("dupid.tsv", "a\t0\nb\t0\n", r"dupid\.tsv:2: duplicate id 0"),
+    ("dup.txt", "a\nb\na\n", r"dup\.txt:3: duplicate token 'a'"),
+    ("duplist.json", '[\n "a",\n "b",\n "b"\n]', r"duplist\.json:4: duplicate token 'b'"),
+    ("dupi2t.json", '{\n "0": "a",\n "0": "b"\n}', r"dupi2t\.json:3: duplicate id 0"),
+    ("float.json", '{\n "a": 0,\n "b": 1.5\n}', r"float\.json:3: id of token 'b': 1\.5 is not an integer id"),
+    ("bool.json", '{"a": true}', r"bool\.json:1: .* True is not an integer id"),
+    ("mixed.json", '{\n "a": 0,\n "b": "1"\n}', r"mixed\.json:3: id '1' of token 'b' is not an integer id"),
+    ("badkey.json", '{\n "0": "a",\n "x": "b"\n}', r"badkey\.json:3: key 'x' is not an integer id"),
+    ("neg.tsv", "a\t0\nb\t-1\n", r"neg\.tsv:2: id of token 'b': '-1' is not an integer id"),
+    ("nonint.tsv", "a\t0\nb\tone\n", r"nonint\.tsv:2: id of token 'b': 'one' is not an integer id"),
+    ("notab.tsv", "a\t0\nb\n", r"notab\.tsv:2: expected 'token<TAB>id'"),
+    ("empty_line.txt", "a\n\nb\n", r"empty_line\.txt:2: empty token \(id 1\)"),
+    ("empty_key.json", '{\n "a": 0,\n "": 1\n}', r"empty_key\.json:3: empty token"),
+    ("empty_item.json", '["a", ""]', r"empty_item\.json:1: empty token"),
+    ("nested.json", '{\n "a": {"b": 1}\n}', r"nested\.json:2: .* is not an integer id"),
+    ("syntax.json", '{\n "a": 0,\n "b" 1\n}', r"syntax\.json:3: invalid JSON"),
+    ("empty.json", "  \n", r"empty\.json: empty vocabulary file"),
+    ("empty.txt", "", r"empty\.txt: empty vocabulary file"),
+])
+def test_bad_vocabulary_names_file_and_line(tmp_path, name, text, message):
+    with pytest.raises(UserError, match=message) as e:
+        load_hand_vocab(write(tmp_path, name, text))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_vocabulary(tmp_path):
+    with pytest.raises(UserError, match=r"--vocab .*nope\.json: no such file"):
+        load_hand_vocab(tmp_path / "nope.json")
+
+
+def test_tokens_that_would_break_the_inverse_are_refused(tmp_path):
+    v = load_hand_vocab(write(tmp_path, "v.txt", "<pad>\na\nC 4\nx|y\n"))
+    with pytest.raises(UserError, match=r"v\.txt:3: token 'C 4' \(id 2\) contains whitespace"):
+        v.ids_to_text([1, 2])
+    with pytest.raises(UserError, match=r"v\.txt:4: token 'x\|y' \(id 3\) contains the joiner '\|'"):
+        v.check_text_safe("|")
+    with pytest.raises(UserError, match="--joiner must not be empty"):
+        v.check_text_safe("")
+    v2 = load_hand_vocab(write(tmp_path, "v2.txt", "a\nC 4\n"))
+    assert v2.ids_to_text([0, 1, 1], joiner="|") == "a|C 4|C 4"
+    assert v2.text_to_ids("a|C 4|C 4", joiner="|") == ([0, 1, 1], [])
+    v3 = load_hand_vocab(write(tmp_path, "v3.txt", "a\nx<|eot_id|>\n"))
+    with pytest.raises(UserError, match=r"v3\.txt:2: .* Llama-3 control token <\|eot_id\|>"):
+        v3.check_text_safe(" ")
+
+
+def test_text_to_ids_reports_unknown_pieces(tmp_path):
+    v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(["a", "b"])))
+    assert v.text_to_ids("  a b\n a  ") == ([0, 1, 0], [])
+    assert v.text_to_ids("a zz b q") == ([0, 1], ["zz", "q"])
+    assert v.text_to_ids("") == ([], [])
+    vu = load_hand_vocab(write(tmp_path, "vu.json", json.dumps(["<unk>", "a"])))
+    assert vu.text_to_ids("a zz") == ([1, 0], ["zz"])
+    with pytest.raises(UserError, match="id 9 is not in the hand vocabulary"):
+        v.ids_to_text([0, 9])
+
+
+def test_split_sequence_handles_specials_wherever_they_stand(tmp_path):
+    v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(TOKENS)))  # pad 0 bos 1 eos 2 sep 3
+    assert v.split_sequence([1, 4, 0, 5, 3, 6, 2, 0, 0]) == ([4, 5], [6])
+    assert v.split_sequence([0, 0, 4, 5, 2]) == ([4, 5], None)
+    assert v.split_sequence([1, 4, 3, 2]) == ([4], [])
+    assert v.split_sequence([1, 4, 3, 5, 3, 0]) == ([4], [5])  # BERT style: a final separator ends the sequence
+    assert v.split_sequence([1, 4, 3, 5, 2], keep_sep=True) == ([4, 3, 5], None)
+    with pytest.raises(SequenceError) as e:
+        v.split_sequence([1, 4, 3, 5, 3, 6, 2])
+    assert e.value.position == 4
+    assert v.first_unknown([4, 5, 99, 100]) == 2 and v.first_unknown([4]) is None
+
+
+def test_round_trip_is_identity_on_every_sample_sequence():
+    v = load_hand_vocab(SAMPLE / "vocab.json")
+    rows = np.load(SAMPLE / "sequences.npy")
+    assert len(rows) >= 1000
+    for row in rows.tolist():
+        assert v.text_to_ids(v.ids_to_text(row)) == (row, [])  # the whole padded row, specials included
+        prompt, response = v.split_sequence(row)
+        assert response is not None and len(prompt) >= 1
+        for part in (prompt, response):
+            assert v.text_to_ids(v.ids_to_text(part)) == (part, [])
+
+
+def test_text_vocab_starting_with_a_bracket_is_not_json(tmp_path):
+    for name in ("v.txt", "v.vocab", "v"):
+        v = load_hand_vocab(write(tmp_path, name, "[PAD]\n[SEP]\na\n"))
+        assert v.token_to_id == {"[PAD]": 0, "[SEP]": 1, "a": 2}, name
+    assert load_hand_vocab(write(tmp_path, "v.lst", '["a", "b"]')).token_to_id == {"a": 0, "b": 1}
