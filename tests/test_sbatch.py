@@ -264,6 +264,37 @@ def test_bash_outside_slurm_stops_and_resumes(tiny_model_dir, shards, tmp_path):
     assert adapter_tensors(run_dir)
 
 
+@pytest.mark.slow
+def test_usr1_during_setup_still_stops_at_a_checkpoint(tiny_model_dir, shards, tmp_path):
+    """USR1 before training starts (while the script loads the environment) is kept, not fatal: training stops at
+    its first step boundary with a checkpoint, instead of the shell dying (bash's default) or the request being lost."""
+    run_dir = tmp_path / "run"
+    env = job_env(tiny_model_dir, shards, run_dir, CUDA_VISIBLE_DEVICES="")
+    env.pop("NPROC", None)
+    log = tmp_path / "early.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(["bash", str(SBATCH), "--max-steps", "6", *TRAIN_FLAGS], env=env, cwd=tmp_path,
+                             stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "finetune.sbatch: job none" not in log.read_text():  # printed after the trap is set, before setup
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        early = "finetune.sbatch: run:" not in log.read_text()
+        assert p.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert early, "the signal came after the launch; this test is meant for the setup phase"
+    out = log.read_text()
+    assert "finetune.sbatch: USR1 at" in out
+    st = status(run_dir)
+    assert st["state"] == "stopped" and 1 <= st["step"] < 6, st
+    assert (run_dir / "checkpoints" / f"step-{st['step']:07d}" / "trainer_state.json").is_file()
+    assert f"stopped at step {st['step']}; run the same command again to resume" in out
+
+
 # ----------------------------------------------------------------------------------------------- static checks
 # (last in the file: on a fresh CI machine tests/slurm_cluster.sh installs shellcheck along with SLURM)
 def test_script_syntax_and_directives():
