@@ -140,7 +140,9 @@ def _read_parquet(file: str, ids_field: str, batch_rows: int = 256) -> Iterator[
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(file)
+        # pre_buffer (pyarrow's default) keeps the compressed column chunks of row groups already read: the
+        # reader's memory then grows with the file (12.5 MB for a 9.7 MB file, measured); without it, one row group.
+        pf = pq.ParquetFile(file, pre_buffer=False)
     except Exception as e:
         raise UserError(f"{file}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     names = pf.schema_arrow.names

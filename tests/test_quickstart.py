@@ -1,5 +1,5 @@
 """The README's quick start end to end, shortened: examples/quickstart.sh runs all four stages on the bundled sample
-data with the tiny model; 20 training steps instead of 90, so only the loss is required to fall (by a third), not
+data with the tiny model; 20 training steps instead of 150, so only the loss is required to fall (by a third), not
 exact match to rise (the full run does both; README numbers)."""
 from __future__ import annotations
 
