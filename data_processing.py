@@ -39,7 +39,7 @@ from qlora.atomic import atomic_dir
 from qlora.errors import UserError, run_main
 from qlora.llama3 import format_chat, format_plain
 from qlora.sequences import count_rows, expand_inputs, iter_sequences, where
-from qlora.vocab import SequenceError, load_hand_vocab
+from qlora.vocab import SequenceError, add_special_token_flags, load_hand_vocab
 
 STAGE = "data_processing"
 
@@ -58,13 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--format", choices=["auto", "plain", "chat"], default="auto",
                     help="auto: chat if the first non-empty sequence contains the separator, else plain. "
                          "With plain, separators stay in the text as their token")
-    for role, what in [("pad", "padding, stripped wherever it stands"),
-                       ("bos", "begin of sequence, dropped"),
-                       ("eos", "end of sequence, dropped"),
-                       ("sep", "separator between prompt and response"),
-                       ("unk", "unknown token, used by text->ids for pieces outside the vocabulary")]:
-        ap.add_argument(f"--{role}-token", default=None, metavar="T",
-                        help=f"{what}. Default: found by common names; '' means the vocabulary has none")
+    add_special_token_flags(ap)
     ap.add_argument("--joiner", default=" ", help="string between hand tokens in the text (must be non-empty)")
     ap.add_argument("--system-prompt", default=None, metavar="TEXT",
                     help="system turn for chat records (none by default)")

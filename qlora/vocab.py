@@ -18,6 +18,8 @@ Llama-3 special-token string (pretokenize.py would encode it as a control token)
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +39,29 @@ DEFAULT_SPECIAL_NAMES = {
     "sep": ("<sep>", "[SEP]", "<|sep|>", "<SEP>"),
     "unk": ("<unk>", "[UNK]", "<|unk|>", "<UNK>"),
 }
+
+# What each --ROLE-token flag means, shared by every script that loads the vocabulary.
+SPECIAL_FLAG_HELP = {
+    "pad": "padding, stripped wherever it stands",
+    "bos": "begin of sequence, dropped",
+    "eos": "end of sequence, dropped",
+    "sep": "separator between prompt and response",
+    "unk": "unknown token, used by text->ids for pieces outside the vocabulary",
+}
+
+
+def add_special_token_flags(parser, default: str = "found by common names") -> None:
+    """Add --pad-token ... --unk-token to an argparse parser or group; `default` says where an absent flag's
+    token comes from (data_processing.py and predict.py must agree on the meaning, not on the default)."""
+    for role in ROLES:
+        parser.add_argument(f"--{role}-token", default=None, metavar="T",
+                            help=f"{SPECIAL_FLAG_HELP[role]}. Default: {default}; '' means the vocabulary has none")
+
+
+def special_token_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The --ROLE-token values of parsed args, as load_hand_vocab's `specials`."""
+    return {role: getattr(args, f"{role}_token") for role in ROLES}
+
 
 # Strings the Llama-3 tokenizer turns into control tokens; a hand token containing one would corrupt the text.
 _LLAMA3_SPECIAL_RE = re.compile(
@@ -89,6 +114,12 @@ class HandVocab:
 
     def special_names(self) -> dict[str, str | None]:
         return {r: (None if i is None else self.id_to_token[i]) for r, i in self.specials.items()}
+
+    def with_specials(self, specials: dict[str, str | None] | None = None) -> HandVocab:
+        """The same vocabulary with its specials chosen anew, as load_hand_vocab(path, specials) would."""
+        # a fresh joiner cache: which tokens are exempt from the text check depends on the specials
+        return dataclasses.replace(self, specials=_resolve_specials(self.path, self.token_to_id, specials or {}),
+                                   _safe_joiners=set())
 
     def check_text_safe(self, joiner: str = " ") -> None:
         """Raise UserError unless ids -> text -> ids is exact with this joiner for every text token.
@@ -319,11 +350,14 @@ def _resolve_specials(path: str, token_to_id: dict[str, int], overrides: dict[st
     return Specials(**ids)
 
 
-def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | None = None) -> HandVocab:
+def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | None = None,
+                    choose_specials: bool = True) -> HandVocab:
     """Load a vocabulary file in any supported format.
 
     `specials` overrides detection per role ("pad", "bos", "eos", "sep", "unk"): a token string of the vocabulary,
     "" to declare that the role has no token, or None/absent for detection by the common names.
+    choose_specials=False leaves every role None until `with_specials`: for callers that must compare the
+    vocabulary's sha256 with a recorded one before its specials can be chosen (or fail to be).
     """
     p = Path(path)
     name = str(path)
@@ -370,7 +404,7 @@ def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | N
         path=name,
         token_to_id=token_to_id,
         id_to_token=id_to_token,
-        specials=_resolve_specials(name, token_to_id, specials or {}),
+        specials=_resolve_specials(name, token_to_id, specials or {}) if choose_specials else Specials(),
         sha256=hashlib.sha256(canonical).hexdigest(),
         file_sha256=hashlib.sha256(raw).hexdigest(),
         line_of=line_of,
