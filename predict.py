@@ -16,9 +16,12 @@ Features, each with its trade-off:
     Greedy by default (--temperature 0: deterministic, the right choice for --eval); sampling with --temperature,
     --top-p, --top-k, --num-samples. Stops at <|eot_id|> or <|end_of_text|>, else after --max-new-tokens.
   * --vocab maps each completion back to hand-vocab ids; pieces that are not vocabulary tokens are listed in
-    "unknown_pieces", never dropped. --eval scores against reference responses: exact match and token accuracy
-    (of the generated answer) and the reference loss (teacher-forced cross-entropy of the reference answer: for chat
-    data the same tokens finetune.py's validation loss covers, and measurable for the untrained base too).
+    "unknown_pieces", never dropped. Its special tokens are the ones data_processing.py chose (recorded in
+    RUN/config.json, else in the metadata.json next to --input), so a vocabulary that needed --pad-token etc. there
+    needs nothing here; the same --*-token flags override, e.g. for an --input that is not data_processing output.
+    --eval scores against reference responses: exact match and token accuracy (of the generated answer) and the
+    reference loss (teacher-forced cross-entropy of the reference answer: for chat data the same tokens
+    finetune.py's validation loss covers, and measurable for the untrained base too).
   * --merge-to DIR writes the adapter merged into a bf16 copy of the base, loadable by
     AutoModelForCausalLM.from_pretrained without peft. Merging needs unquantised weights, so with --merge-to the base
     is loaded with --quantize none (bf16); merging into 4-bit weights would re-round them and lose the adapter.
@@ -34,6 +37,7 @@ import warnings
 from pathlib import Path
 
 from qlora.errors import UserError, run_main
+from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags
 
 # ------------------------------------------------------------------------------------------------- defaults
 BATCH_SIZE = 8  # prompts per generate() call; x --num-samples sequences
@@ -87,6 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--joiner", default=None,
                     help=f"string between hand tokens (default: the one used in training per RUN/config.json, else "
                          f"per the metadata.json next to --input, else {JOINER!r})")
+    sp = ap.add_argument_group(
+        "hand vocabulary specials (with --vocab)",
+        # the formatter keeps descriptions as written (for the module docstring), so this one is wrapped by hand
+        "The special tokens, as in data_processing.py. Each defaults to the token data_processing.py\n"
+        "chose, as recorded in RUN/config.json, else in the metadata.json next to --input (only when\n"
+        "the vocabulary recorded there is --vocab's); without a record, to the token found by its\n"
+        "common names.")
+    add_special_token_flags(sp, default="as recorded by data_processing.py (see above)")
     ap.add_argument("--eval", action="store_true",
                     help="score completions against each record's reference \"response\": exact match and token "
                          "accuracy in hand-vocab ids, and the reference loss (mean cross-entropy of the reference "
@@ -117,7 +129,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "merged model")
     m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     args = ap.parse_args(argv)
+    given = [f"--{r}-token" for r in ROLES if getattr(args, f"{r}_token") is not None]
+    if given and args.vocab is None:
+        raise UserError(f"{given[0]} chooses a special token of the hand vocabulary: give --vocab too")
     return args
+
+
+def resolve_device(flag: str | None) -> str:
+    """--device checked up front: torch would only fail at model load, with a traceback."""
+    import torch
+
+    if flag is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {flag}: not a device; give cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {flag}: no CUDA GPU is visible to this process")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {flag}: only {torch.cuda.device_count()} CUDA GPU(s) visible "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return flag
 
 
 # --------------------------------------------------------------------------------------------------- adapter / run
@@ -188,7 +224,45 @@ def training_defaults(run: Path | None) -> dict:
         "system": _find(cfg, stage1 + "options.system_prompt"),
         "joiner": _find(cfg, stage1 + "options.joiner"),
         "vocab_sha256": _find(cfg, stage1 + "vocab.sha256"),
+        "vocab": _find(cfg, stage1 + "vocab"),
     }
+
+
+def recorded_specials(vocab_meta, vocab) -> dict[str, str]:
+    """role -> token ("" for none) as data_processing.py recorded them in a metadata "vocab" entry.
+
+    {} unless that entry is of this very vocabulary (same id->token sha256): only then is every recorded token
+    sure to be one of its tokens, and choosing them again gives the ids the data was made with.
+    """
+    if not isinstance(vocab_meta, dict) or vocab_meta.get("sha256") != vocab.sha256:
+        return {}
+    specials = vocab_meta.get("specials")
+    if not isinstance(specials, dict):
+        return {}
+    return {r: (specials[r].get("token") or "") for r in ROLES if isinstance(specials.get(r), dict)}
+
+
+def load_vocab(args: argparse.Namespace, trained: dict, run: Path | None, data_meta: dict):
+    """The --vocab HandVocab (None without --vocab), refused unless it is the one recorded in RUN/config.json and
+    next to --input, with its specials chosen as data_processing.py chose them unless a --*-token flag says otherwise.
+    """
+    if args.vocab is None:
+        return None
+    if not Path(args.vocab).is_file():
+        raise UserError(f"--vocab {args.vocab}: no such file")
+    # Specials are chosen after the hash checks: a wrong --vocab is then reported as such, not as an ambiguous or
+    # missing special token.
+    vocab = load_hand_vocab(args.vocab, choose_specials=False)
+    if trained.get("vocab_sha256") and trained["vocab_sha256"] != vocab.sha256:
+        raise UserError(f"--vocab {args.vocab} is not the vocabulary the adapter was trained with (its id->token "
+                        f"sha256 differs from the one data_processing.py recorded in {run / 'config.json'})")
+    data_vocab = _find(data_meta, "vocab.sha256")
+    if data_vocab and data_vocab != vocab.sha256:
+        raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.input} was made with (its id->token "
+                        f"sha256 differs from {Path(args.input).parent / 'metadata.json'})")
+    chosen = recorded_specials(trained.get("vocab"), vocab) or recorded_specials(data_meta.get("vocab"), vocab)
+    chosen.update((r, t) for r, t in special_token_flags(args).items() if t is not None)
+    return vocab.with_specials(chosen)
 
 
 def check_adapter_fits(model, adapter: Path) -> None:
@@ -253,6 +327,7 @@ def main(argv=None) -> int:
         raise UserError("--merge-to needs the unquantised bf16 base: drop --quantize nf4 (it loads with --quantize none)")
     if args.merge_to and args.adapter.lower() == "none":
         raise UserError("--merge-to needs an adapter to merge (--adapter none given)")
+    device = resolve_device(args.device)
     quantize = "none" if args.merge_to else (args.quantize or "nf4")
     model_dir = Path(args.model)
     from qlora.model import validate_model_dir
@@ -268,26 +343,13 @@ def main(argv=None) -> int:
         print(f"warning: the adapter was trained on --model {trained['model']}, this is {model_dir}"
               + (f" (config differs in {', '.join(changed)})" if changed else ""), file=sys.stderr)
 
-    vocab = None
-    if args.vocab is not None:
-        if not Path(args.vocab).is_file():
-            raise UserError(f"--vocab {args.vocab}: no such file")
-        from qlora.vocab import load_hand_vocab
-
-        vocab = load_hand_vocab(args.vocab)
-        if trained.get("vocab_sha256") and trained["vocab_sha256"] != vocab.sha256:
-            raise UserError(f"--vocab {args.vocab} is not the vocabulary the adapter was trained with (its id->token "
-                            f"sha256 differs from the one data_processing.py recorded in {run / 'config.json'})")
     data_meta = {}
     if args.input is not None and (Path(args.input).parent / "metadata.json").is_file():
         data_meta = read_json(Path(args.input).parent / "metadata.json", "data metadata")
+    vocab = load_vocab(args, trained, run, data_meta)
     joiner = args.joiner if args.joiner is not None else (
         trained.get("joiner") or _find(data_meta, "options.joiner") or JOINER)
     default_system = trained.get("system") or _find(data_meta, "options.system_prompt")
-    data_vocab = _find(data_meta, "vocab.sha256")
-    if vocab is not None and data_vocab and data_vocab != vocab.sha256:
-        raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.input} was made with (its id->token "
-                        f"sha256 differs from {Path(args.input).parent / 'metadata.json'})")
     kw = dict(default_format=args.format or trained.get("format"), system_override=args.system_prompt,
               default_system=default_system, prefix_tokens=args.prefix_tokens, joiner=joiner)
     records = []
@@ -298,11 +360,9 @@ def main(argv=None) -> int:
     if args.eval and not any(r.reference is not None for r in records):
         raise UserError(f"--eval: no record in {args.input} has a reference \"response\"")
 
-    import torch
     from qlora.llama3 import load_tokenizer
     from qlora.model import load_base_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {model_dir} ({'4-bit NF4' if quantize == 'nf4' else 'bf16'}) on {device}"
           f"{f' with adapter {adapter}' if adapter else ' without adapter'}", file=sys.stderr)
     model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device)

@@ -459,6 +459,96 @@ def test_error_is_one_line_with_exit_code_2(tiny_model_dir, tmp_path):
     assert lines[-1].startswith("predict.py: error: --adapter ") and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("device, msg", [
+    ("foo", "--device foo: not a device; give cpu, cuda or cuda:N"),
+    ("cuda", "--device cuda: no CUDA GPU is visible to this process"),
+])
+def test_device_mistakes_are_one_line_errors(tiny_model_dir, device, msg):
+    # CUDA_VISIBLE_DEVICES="" makes the machine CPU-only for torch, so the cuda case holds on a GPU machine too
+    res = subprocess.run([sys.executable, "predict.py", "--model", str(tiny_model_dir), "--adapter", "none",
+                          "--prompt", "C4", "--device", device], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert [x for x in res.stderr.splitlines() if x.strip()][-1] == f"predict.py: error: {msg}"
+
+
+def test_resolve_device(monkeypatch):
+    assert predict.resolve_device("cpu") == "cpu"
+    assert predict.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    for flag in ("meta", "cuda:x", "", "CUDA"):
+        with pytest.raises(UserError, match=rf"^--device {flag}: not a device; give cpu, cuda or cuda:N$"):
+            predict.resolve_device(flag)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert predict.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(UserError, match=r"^--device cuda:2: only 2 CUDA GPU\(s\) visible \(cuda:0 to cuda:1\)$"):
+        predict.resolve_device("cuda:2")
+
+
+# --------------------------------------------------------------------------------------- hand vocabulary specials
+@pytest.fixture(scope="module")
+def ambiguous_data(sample_data, tmp_path_factory):
+    """The sample vocabulary plus "[PAD]" (two pad tokens: data_processing.py needs --pad-token), and its
+    data_processing.py output made with --pad-token '<pad>'."""
+    root = tmp_path_factory.mktemp("ambiguous")
+    tokens = json.loads((sample_data / "seq" / "vocab.json").read_text())
+    tokens["[PAD]"] = max(tokens.values()) + 1
+    vocab = root / "v2.json"
+    vocab.write_text(json.dumps(tokens))
+    subprocess.run([sys.executable, "data_processing.py", "--vocab", str(vocab), "--input",
+                    str(sample_data / "seq" / "sequences.jsonl"), "--output-dir", str(root / "data"),
+                    "--pad-token", "<pad>", "--val-fraction", "0.05"], cwd=REPO, check=True, capture_output=True)
+    return vocab, root / "data"
+
+
+def test_ambiguous_vocab_evaluates_like_data_processing(tiny_model_dir, adapter_dir, ambiguous_data, tmp_path):
+    """A vocabulary that needed --pad-token in data_processing.py: predict.py takes the choice from the metadata.json
+    next to --input, and has the same flag for an --input without one."""
+    vocab, data = ambiguous_data
+    common = ["--model", tiny_model_dir, "--adapter", adapter_dir, "--vocab", vocab, "--eval", "--quantize", "none",
+              "--max-new-tokens", 1, "--batch-size", 16]
+    out = tmp_path / "out.jsonl"
+    assert _run(*common, "--input", data / "validation.jsonl", "--output", out) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows and all("exact_match" in r for r in rows)
+
+    refs = _write_jsonl(tmp_path / "refs.jsonl", [{"prompt": "C4 D4", "response": "E4"}])
+    with pytest.raises(UserError, match=r"several pad tokens \(<pad>, \[PAD\]\); choose one with --pad-token$"):
+        _run(*common, "--input", refs, "--output", out)
+    assert _run(*common, "--input", refs, "--output", out, "--pad-token", "[PAD]") == 0
+    assert "exact_match" in json.loads(out.read_text())
+
+
+def test_specials_flags_over_run_config_over_input_metadata(ambiguous_data, sample_data):
+    vocab, data = ambiguous_data
+    meta = json.loads((data / "metadata.json").read_text())
+    assert meta["vocab"]["specials"]["pad"]["token"] == "<pad>"
+
+    def names(*flags, trained=None, data_meta=meta):
+        args = predict.parse_args(["--model", "m", "--adapter", "none", "--vocab", str(vocab), "--input",
+                                   str(data / "validation.jsonl"), *flags])
+        return predict.load_vocab(args, trained or {}, None, data_meta).special_names()
+
+    assert names() == {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "sep": "<sep>", "unk": None}
+    assert names("--pad-token", "[PAD]")["pad"] == "[PAD]"
+    assert names("--sep-token", "") == {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "sep": None, "unk": None}
+    # what training recorded (RUN/config.json) wins over the metadata next to --input, a flag over both
+    run_vocab = json.loads(json.dumps(meta["vocab"]))
+    run_vocab["specials"]["pad"]["token"] = "[PAD]"
+    run_vocab["specials"]["sep"]["token"] = None
+    trained = {"vocab_sha256": run_vocab["sha256"], "vocab": run_vocab}
+    assert names(trained=trained) == {"pad": "[PAD]", "bos": "<s>", "eos": "</s>", "sep": None, "unk": None}
+    assert names("--pad-token", "<pad>", trained=trained)["pad"] == "<pad>"
+    # a record without the vocabulary's hash may be of another vocabulary: not used, so detection decides
+    with pytest.raises(UserError, match=r"several pad tokens \(<pad>, \[PAD\]\); choose one with --pad-token$"):
+        names(data_meta={"vocab": {"specials": meta["vocab"]["specials"]}})
+    # the wrong --vocab is reported as such, not as its ambiguous pad token
+    with pytest.raises(UserError, match="is not the vocabulary .* was made with"):
+        names(data_meta=json.loads((sample_data / "chat" / "metadata.json").read_text()))
+    with pytest.raises(UserError, match="^--unk-token chooses a special token of the hand vocabulary: give --vocab"):
+        predict.parse_args(["--model", "m", "--adapter", "none", "--prompt", "C4", "--unk-token", "<unk>"])
+
+
 def test_run_config_supplies_system_prompt_and_checks_vocab(tiny_model_dir, adapter_dir, vocab_file, tmp_path, capsys):
     """finetune.py's RUN/config.json carries pretokenize's metadata, which carries data_processing's: the chat
     system prompt and vocabulary hash used in training come from there, and a --vocab that differs is refused."""

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from qlora.errors import UserError
-from qlora.vocab import SequenceError, load_hand_vocab
+from qlora.vocab import (ROLES, SequenceError, add_special_token_flags, load_hand_vocab,
+                         special_token_flags)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample"
 TOKENS = ["<pad>", "<s>", "</s>", "<sep>", "C4", "D4", "E4", "F#4"]
@@ -72,6 +73,32 @@ def test_several_candidates_for_one_role_must_be_chosen(tmp_path):
     with pytest.raises(UserError, match=r"several pad tokens \(<pad>, \[PAD\]\); choose one with --pad-token"):
         load_hand_vocab(p)
     assert load_hand_vocab(p, specials={"pad": "[PAD]"}).specials.pad == 1
+
+
+def test_specials_chosen_after_loading(tmp_path):
+    """choose_specials=False defers the choice (and its errors) to with_specials, as predict.py does to compare the
+    vocabulary's hash with a recorded one first."""
+    p = write(tmp_path, "v.json", json.dumps(["<pad>", "[PAD]", "a b", "c"]))
+    v = load_hand_vocab(p, choose_specials=False)
+    assert v.specials.as_dict() == dict.fromkeys(ROLES) and v.sha256 == load_hand_vocab(p, {"pad": "<pad>"}).sha256
+    with pytest.raises(UserError, match=r"several pad tokens \(<pad>, \[PAD\]\); choose one with --pad-token"):
+        v.with_specials()
+    assert v.with_specials({"pad": "[PAD]"}).specials.pad == 1 and v.specials.pad is None
+    # the text check exempts the pad token, so its verdict must not carry over to other specials
+    padded = v.with_specials({"pad": "a b"})
+    padded.check_text_safe(" ")
+    with pytest.raises(UserError, match=r"token 'a b' \(id 2\) contains whitespace"):
+        padded.with_specials({"pad": "<pad>"}).check_text_safe(" ")
+
+
+def test_special_token_flags_are_shared():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_special_token_flags(ap, default="somewhere")
+    args = ap.parse_args(["--pad-token", "[PAD]", "--sep-token", ""])
+    assert special_token_flags(args) == {"pad": "[PAD]", "bos": None, "eos": None, "sep": "", "unk": None}
+    assert "Default: somewhere; '' means the vocabulary has none" in " ".join(ap.format_help().split())
 
 
 @pytest.mark.parametrize("name,text,message", [
