@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="system turn for chat records (none by default)")
     ap.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
                     help="expected share of sequences in validation.jsonl, 0 <= F < 1")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the hash-based train/validation split")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the hash-based train/validation split, a 64-bit integer (-2**63 <= N < 2**63)")
     ap.add_argument("--ids-field", default="input_ids", metavar="NAME",
                     help="field (.jsonl), column (.parquet), array (.npz) or key (.pt dict) holding the ids")
     ap.add_argument("--on-unknown", choices=["error", "skip"], default="error",
@@ -72,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0.0 <= args.val_fraction < 1.0:
         raise UserError(f"--val-fraction {args.val_fraction}: must be >= 0 and < 1")
+    if not -2**63 <= args.seed < 2**63:  # it is the 8-byte key of the split hash (in_validation)
+        raise UserError(f"--seed {args.seed}: must be a 64-bit integer, -2**63 <= N < 2**63")
     return args
 
 
@@ -157,8 +160,11 @@ def main(argv=None) -> int:
                 raise UserError(f"{where(file, row)}: no separator, but the format is chat (decided by {decided_by}); "
                                 f"pass --format plain to convert all sequences as plain text")
             elif fmt == "plain" and has_sep:  # only under auto: an explicit --format plain keeps separators
+                # --format chat would stop at the first sequence, which has no separator: plain is the only way on
                 raise UserError(f"{where(file, row)}: has a separator, but the format is plain (decided by "
-                                f"{decided_by}); pass --format chat or --format plain explicitly")
+                                f"{decided_by}, which has none); --format chat needs a separator in every sequence, "
+                                f"so pass --format plain to convert all sequences as plain text (separators kept "
+                                f"as their token)")
 
             source = f"{file}:{row}"
             if fmt == "plain":

@@ -76,21 +76,35 @@ def read_trainer_state(path) -> dict:
 
 
 def check_fingerprint(path, fingerprint: str, parts: dict) -> None:
-    """Refuse a checkpoint of another model, LoRA config or data set, naming what differs."""
+    """Refuse a checkpoint of another model, recipe (LoRA, quantization, optimizer) or data set, naming what differs."""
     state = read_trainer_state(path)
     if state.get("fingerprint") == fingerprint:
         return
     old = state.get("fingerprint_parts", {})
-    diffs = []
+    diffs, unrecorded = [], []
     for section in sorted(set(old) | set(parts)):
         a, b = old.get(section), parts.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)):
+                if k not in a:
+                    unrecorded.append(k)
+                elif a.get(k) != b.get(k):
+                    diffs.append(f"{section}.{k}")
         elif a != b:
             diffs.append(section)
+    if unrecorded and not diffs:
+        # A checkpoint from before these settings were fingerprinted (the optimizer, added later): it agrees on
+        # everything it recorded, and refusing it would strand a run mid-way with no way to continue.
+        return
+    flags = []
+    for d in diffs:
+        section, _, key = d.partition(".")
+        flag = "--" + key.replace("_", "-") if section == "lora" else f"--{section}"
+        if flag not in flags:
+            flags.append(flag)
     raise UserError(f"checkpoint {path} was made with a different recipe or data (differs: "
                     f"{', '.join(diffs) or 'fingerprint'}); use a new --output-dir, or restore the original "
-                    f"--model/--data/LoRA flags")
+                    f"{'/'.join(flags) or '--model/--data/LoRA'} flag{'s' if len(flags) != 1 else ''}")
 
 
 def load_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .memory import LORA_TARGETS
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -67,9 +68,10 @@ class TrainConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "comma-separated projection names that get LoRA in every block (default all seven linear layers: the QLoRA "
         "paper found all-layer LoRA needed to match full fine-tuning)")
-    gradient_checkpointing: bool = _opt(True, "recompute each block's activations in the backward pass "
-                                              "(non-reentrant): ~1/3 more compute, activations of only one block "
-                                              "kept; needed for seq 8192 on a 40 GB card",
+    gradient_checkpointing: bool = _opt(True, "recompute blocks' activations in the backward pass "
+                                              "(non-reentrant; how many: --checkpoint-layers): ~1/3 more of a "
+                                              "recomputed block's compute for ~0.8 GiB less at seq 8192; off: no "
+                                              "block is recomputed",
                                         action=argparse.BooleanOptionalAction)
     attn_implementation: str = _opt("auto", "attention kernel: auto (sdpa on CPU, flex_attention on CUDA), sdpa, "
                                             "flex_attention, eager; all keep packed documents apart",
@@ -102,10 +104,22 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda",
                        choices=["auto", "cpu", "cuda"])
     estimate_memory: bool = _opt(False, "print the estimated peak GPU memory table for this configuration and exit "
-                                        "without loading the model", action="store_true")
+                                        "without loading the model: exit status 0 if it fits --gpu-memory-gib, 1 "
+                                        "if it does not (with the settings to change, as training would refuse it)",
+                                 action="store_true")
+    # Planning inputs for --estimate-memory only: a training run takes them from --data and torchrun instead.
+    seq_len: int | None = _opt(None, "with --estimate-memory: tokens per packed row to plan for (default: --data's "
+                                     "max_len when --data is given, else 8192; this flag wins over --data)")
+    nproc: int | None = _opt(None, "with --estimate-memory: processes to plan for (torchrun --nproc_per_node x "
+                                   "nodes; above 1, DDP's gradient buckets add a copy of the LoRA gradients) "
+                                   "(default: $WORLD_SIZE, else 1)")
 
 
-FINGERPRINT_KEYS = ("quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# Settings a checkpoint must share with the run that resumes it. The optimizer is among them because its saved
+# state only loads into the same optimizer class (an 8-bit state into AdamW, or back, fails deep inside the load).
+FINGERPRINT_KEYS = ("quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "optimizer")
+# Not part of a training run's record (config.json): they only shape the --estimate-memory plan.
+ESTIMATE_ONLY_KEYS = ("seq_len", "nproc")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -119,7 +133,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         kw = {k: v for k, v in f.metadata.items() if k != "help"}
         default = getattr(defaults, f.name)
         shown = ",".join(default) if isinstance(default, list) else default
-        if kw.get("action"):
+        if kw.get("action") or f.name in ESTIMATE_ONLY_KEYS:
             help_text = f.metadata["help"]
         elif f.name in ("model", "data", "output_dir"):
             help_text = f.metadata["help"] + " (required)"
@@ -146,7 +160,7 @@ def _metavar(name: str, type_, choices) -> str:
 def _type_of(name: str, default):
     if name == "lora_target_modules":
         return lambda s: [x.strip() for x in s.split(",") if x.strip()]
-    if name in ("max_steps", "warmup_steps", "eval_max_rows"):
+    if name in ("max_steps", "warmup_steps", "eval_max_rows", "seq_len", "nproc"):
         return int
     if name == "gpu_memory_gib":
         return float
@@ -185,10 +199,57 @@ def _load_yaml(path: str) -> dict:
         name = str(key).replace("-", "_")
         if name not in names:
             raise UserError(f"--config {p}: unknown key {key!r} (use the flag names of finetune.py --help)")
-        if name == "lora_target_modules" and isinstance(value, str):
-            value = [x.strip() for x in value.split(",") if x.strip()]
-        out[name] = value
+        out[name] = _yaml_value(p, key, names[name], value)
     return out
+
+
+def _yaml_value(path: Path, key, f: dataclasses.Field, value):
+    """A YAML value converted as its command-line flag converts text, or a UserError naming the key and file.
+
+    YAML's typing is not the flags': PyYAML reads 2e-4 as a string (its floats need a dot: 2.0e-4), and a float
+    in an integer setting or a list in a scalar one would otherwise reach training unchecked.
+    """
+    flag = "--" + f.name.replace("_", "-")
+    default = getattr(TrainConfig(), f.name)
+    type_ = _type_of(f.name, default)
+    choices = f.metadata.get("choices")
+    if f.metadata.get("action") is not None:
+        wanted = "true or false"
+    elif f.name == "lora_target_modules":
+        wanted = "a list of projection names (or one comma-separated string)"
+    elif choices:
+        wanted = "one of " + ", ".join(choices)
+    else:
+        wanted = {int: "an integer", float: "a number"}.get(type_, "a string")
+
+    def bad(got) -> UserError:
+        return UserError(f"--config {path}: key {key!r}: {flag} takes {wanted}, not {got}")
+
+    if value is None:
+        if default is None:
+            return None
+        raise bad("an empty value")
+    if wanted == "true or false":
+        if not isinstance(value, bool):
+            raise bad(repr(value))
+        return value
+    if f.name == "lora_target_modules":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise bad(repr(value))
+        return [x.strip() for x in items if x.strip()]
+    if isinstance(value, (list, dict)):
+        raise bad(f"a {'list' if isinstance(value, list) else 'mapping'} ({value!r})")
+    # int() would pass both silently: True is an int to Python, and int(2.5) is 2
+    if isinstance(value, bool) or (type_ is int and isinstance(value, float)):
+        raise bad(repr(value))
+    try:
+        converted = type_(str(value) if type_ is str else value)
+    except (TypeError, ValueError):
+        raise bad(repr(value)) from None
+    if choices and converted not in choices:
+        raise bad(repr(value))
+    return converted
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -198,6 +259,19 @@ def validate(cfg: TrainConfig) -> None:
                 raise UserError(f"--{name.replace('_', '-')} is required")
     if cfg.max_steps is not None and cfg.epochs is not None:
         raise UserError("give either --max-steps or --epochs, not both")
+    if not cfg.estimate_memory:
+        for name, source in (("seq_len", "--data's metadata.json (pretokenize.py --max-len)"),
+                             ("nproc", "the processes torchrun starts")):
+            if getattr(cfg, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} is only used with --estimate-memory; training takes it "
+                                f"from {source}")
+    unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
+    if unknown:
+        raise UserError(f"--lora-target-modules {','.join(cfg.lora_target_modules)}: unknown projection name(s) "
+                        f"{', '.join(unknown)}; valid names: {','.join(LORA_TARGETS)}")
+    twice = sorted({m for m in cfg.lora_target_modules if cfg.lora_target_modules.count(m) > 1})
+    if twice:
+        raise UserError(f"--lora-target-modules {','.join(cfg.lora_target_modules)}: {', '.join(twice)} named twice")
     checks = [("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1"),
               ("epochs", cfg.epochs is None or cfg.epochs > 0, "> 0"),
               ("micro_batch_size", cfg.micro_batch_size >= 1, ">= 1"),
@@ -218,14 +292,17 @@ def validate(cfg: TrainConfig) -> None:
               ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
               ("checkpoint_layers", str(cfg.checkpoint_layers) in ("auto", "all") or str(cfg.checkpoint_layers).isdigit(),
                "auto, all or a number of blocks"),
-              ("gpu_memory_gib", cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0, "> 0")]
+              ("gpu_memory_gib", cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0, "> 0"),
+              ("seq_len", cfg.seq_len is None or cfg.seq_len >= 1, ">= 1"),
+              ("nproc", cfg.nproc is None or cfg.nproc >= 1, ">= 1")]
     for name, ok, what in checks:
         if not ok:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {what}")
 
 
 def as_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The training settings, as printed at start and recorded in RUN/config.json."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ESTIMATE_ONLY_KEYS}
 
 
 def fingerprint(parts: dict) -> str:

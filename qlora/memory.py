@@ -1,8 +1,9 @@
 """Peak GPU memory of one QLoRA training process, from the model config alone (no GPU, no weights).
 
-`python finetune.py --estimate-memory` prints `estimate_for_finetune(...)[1]`; finetune.py refuses a configuration
-whose estimate does not fit the GPU before loading anything, and `--checkpoint-layers auto` picks the fewest
-checkpointed blocks that fit (`choose_checkpoint_layers`).
+`python finetune.py --estimate-memory` prints the table of `resolve_speed_settings(...)["estimate"]`, and the knobs of
+`fit_advice` when it does not fit; finetune.py refuses a configuration whose estimate does not fit the GPU before
+loading anything (`check_fits`, the same knobs), and `--checkpoint-layers auto` picks the fewest checkpointed blocks
+that fit (`choose_checkpoint_layers`).
 
 What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vocab, T = micro-batch x seq tokens):
   * 4-bit base: 0.5 B/param for the seven projections of every block, plus NF4 quantisation constants (one uint8
@@ -267,9 +268,16 @@ def check_fits(settings: dict) -> None:
     """One-line refusal, naming the knobs, when the estimated peak does not fit the GPU."""
     from .errors import UserError
 
+    advice = fit_advice(settings)
+    if advice:
+        raise UserError(advice)
+
+
+def fit_advice(settings: dict, *, table_shown: bool = False) -> str | None:
+    """None if the estimate fits the GPU, else one line naming the knobs (check_fits' and --estimate-memory's)."""
     est, gpu_gib = settings["estimate"], settings["gpu_gib"]
     if est.fits(gpu_gib * GiB):
-        return
+        return None
     s = est.settings
     knobs = []
     if s["micro_batch_size"] > 1:
@@ -279,10 +287,10 @@ def check_fits(settings: dict) -> None:
     if s["kernels"] != "liger":
         knobs.append("--kernels auto on a GPU with liger-kernel installed")
     knobs.append("a smaller pretokenize.py --max-len")
-    raise UserError(f"estimated peak GPU memory {est.total_bytes / GiB:.1f} GiB does not fit the {gpu_gib:g} GiB GPU "
-                    f"(seq {s['seq_len']} x micro-batch {s['micro_batch_size']}, {s['checkpoint_layers']}/{s['layers']} "
-                    f"blocks recomputed; python finetune.py --estimate-memory ... shows the table): try "
-                    + ", ".join(knobs) + " (or --gpu-memory-gib if the GPU is larger)")
+    table = "" if table_shown else "; python finetune.py --estimate-memory ... shows the table"
+    return (f"estimated peak GPU memory {est.total_bytes / GiB:.1f} GiB does not fit the {gpu_gib:g} GiB GPU "
+            f"(seq {s['seq_len']} x micro-batch {s['micro_batch_size']}, {s['checkpoint_layers']}/{s['layers']} "
+            f"blocks recomputed{table}): try " + ", ".join(knobs) + " (or --gpu-memory-gib if the GPU is larger)")
 
 
 def recipe_from_config(cfg, kernels: str | None = None) -> dict:

@@ -103,6 +103,28 @@ def test_fingerprint_mismatch_names_what_differs(tmp_path):
         check_fingerprint(d, "b", other)
 
 
+def test_fingerprint_mismatch_names_the_flags_to_restore(tmp_path):
+    d = tmp_path / "step-0000001"
+    d.mkdir()
+    parts = {"lora": {"lora_r": 64, "optimizer": "paged_adamw_8bit"}, "data": {"max_len": 64}}
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "fingerprint": "a", "fingerprint_parts": parts}))
+    with pytest.raises(UserError, match=r"\(differs: lora\.optimizer\); .* restore the original --optimizer flag$"):
+        check_fingerprint(d, "b", {"lora": {"lora_r": 64, "optimizer": "adamw_torch"}, "data": {"max_len": 64}})
+    with pytest.raises(UserError, match=r"restore the original --data/--lora-r flags$"):
+        check_fingerprint(d, "b", {"lora": {"lora_r": 8, "optimizer": "paged_adamw_8bit"}, "data": {"max_len": 32}})
+
+
+def test_checkpoint_from_before_the_optimizer_was_fingerprinted_still_resumes(tmp_path):
+    """Checkpoints written before the optimizer joined the fingerprint lack it: they agree on all they recorded."""
+    d = tmp_path / "step-0000001"
+    d.mkdir()
+    old = {"lora": {"lora_r": 64}, "data": {"max_len": 64}}
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "fingerprint": "a", "fingerprint_parts": old}))
+    check_fingerprint(d, "b", {"lora": {"lora_r": 64, "optimizer": "paged_adamw_8bit"}, "data": {"max_len": 64}})
+    with pytest.raises(UserError, match=r"differs: lora\.lora_r\)"):  # what it did record is still checked
+        check_fingerprint(d, "b", {"lora": {"lora_r": 8, "optimizer": "paged_adamw_8bit"}, "data": {"max_len": 64}})
+
+
 def test_adapter_round_trip_through_plain_peft(tiny_model_dir, tmp_path):
     from peft import PeftModel
 

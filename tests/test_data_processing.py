@@ -252,6 +252,40 @@ def test_bad_input_exits_with_one_line_and_no_output(tmp_path, case):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp sibling left behind
 
 
+def test_mixed_separators_under_auto_name_the_one_flag_that_works(tmp_path):
+    """The first sequence has no separator, a later one has: --format chat would stop at the first, so the error
+    must name --format plain alone, and that must then convert everything."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"input_ids": [1, 4, 5, 2]}\n' + GOOD_ROWS)
+    base = ["--vocab", VOCAB, "--input", mixed]
+    with pytest.raises(UserError) as e:
+        run(*base, "--output-dir", tmp_path / "auto")
+    msg = str(e.value)
+    assert "mixed.jsonl line 2: has a separator, but the format is plain" in msg
+    assert "mixed.jsonl line 1), which has none)" in msg
+    assert "pass --format plain" in msg and "--format chat needs a separator in every sequence" in msg
+    assert "pass --format chat" not in msg
+    with pytest.raises(UserError, match=r"mixed\.jsonl line 1: no separator, but the format is chat"):
+        run(*base, "--output-dir", tmp_path / "chat", "--format", "chat")
+    train, val = records(run(*base, "--output-dir", tmp_path / "plain", "--format", "plain", "--val-fraction", "0"))
+    assert [r["format"] for r in train] == ["plain"] * 6 and not val
+
+
+@pytest.mark.parametrize("seed", [str(2**63), str(-2**63 - 1)])
+def test_seed_outside_64_bits_is_a_one_line_error(tmp_path, seed):
+    with pytest.raises(UserError, match=rf"^--seed {seed}: must be a 64-bit integer"):
+        run("--vocab", VOCAB, "--input", SAMPLE / "sequences.npy", "--output-dir", tmp_path / "out", "--seed", seed)
+    assert not (tmp_path / "out").exists()
+
+
+def test_seed_at_the_64_bit_limits_works(tmp_path):
+    (tmp_path / "good.jsonl").write_text(GOOD_ROWS)
+    for seed in (2**63 - 1, -2**63):
+        out = run("--vocab", VOCAB, "--input", tmp_path / "good.jsonl", "--output-dir", tmp_path / str(seed),
+                  "--seed", seed, "--val-fraction", "0")
+        assert json.loads((out / "metadata.json").read_text())["options"]["seed"] == seed
+
+
 def test_failed_run_keeps_the_previous_output_intact(tmp_path):
     out = run("--vocab", VOCAB, "--input", SAMPLE / "sequences.jsonl", "--output-dir", tmp_path / "out")
     before = {p.name: p.read_bytes() for p in out.iterdir()}

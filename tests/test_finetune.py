@@ -184,6 +184,16 @@ def test_checkpoint_of_another_recipe_is_refused(reference_run, tiny_model_dir, 
         finetune.main(argv)
 
 
+def test_checkpoint_of_another_optimizer_is_refused(reference_run, tiny_model_dir, finetune_task_data):
+    """The 8-bit optimizer state of the reference run cannot be loaded into another optimizer class (bitsandbytes
+    failed with KeyError 'state1' deep inside the load). --max-steps 6: the run is finished, so nothing is trained
+    on the shared reference run even where the check is missing."""
+    argv = args_for(tiny_model_dir, finetune_task_data, reference_run, "--max-steps", 6, "--optimizer", "adamw_torch")
+    with pytest.raises(UserError, match=r"different recipe or data \(differs: lora\.optimizer\).*restore the "
+                                        r"original --optimizer flag$"):
+        finetune.main(argv)
+
+
 # ----------------------------------------------------------------------------------------------- configuration
 def test_yaml_config_is_overridden_by_the_command_line(tmp_path):
     cfg_file = tmp_path / "r.yaml"
@@ -200,6 +210,49 @@ def test_yaml_config_is_overridden_by_the_command_line(tmp_path):
         resolve_config(["--model", "m", "--data", "d", "--output-dir", "o", "--max-steps", "3", "--epochs", "1"])
     assert resolve_config(["--model", "m", "--data", "d", "--output-dir", "o",
                            "--no-gradient-checkpointing"]).gradient_checkpointing is False
+
+
+def _yaml(tmp_path, text: str) -> list[str]:
+    cfg_file = tmp_path / "recipe.yaml"
+    cfg_file.write_text(text)
+    return ["--config", str(cfg_file), "--model", "m", "--data", "d", "--output-dir", "o"]
+
+
+def test_yaml_values_are_converted_like_the_flags(tmp_path):
+    # PyYAML reads 2e-4 as a string (its floats need a dot); the flag's type turns the text into the number
+    cfg = resolve_config(_yaml(tmp_path, 'lr: 2e-4\nmicro_batch_size: "2"\nlora_alpha: 32\ncheckpoint_layers: 8\n'
+                                         'gradient_checkpointing: false\nlow_memory: true\n'
+                                         'lora_target_modules: [q_proj, v_proj]\nmax_steps:\n'))
+    assert cfg.lr == 2e-4 and cfg.micro_batch_size == 2 and cfg.lora_alpha == 32.0
+    assert cfg.checkpoint_layers == "8" and cfg.gradient_checkpointing is False and cfg.low_memory is True
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.max_steps is None
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ("max_steps: 2.5", "--max-steps takes an integer, not 2.5"),
+    ("seed: [1]", r"--seed takes an integer, not a list \(\[1\]\)"),
+    ("micro_batch_size: two", "--micro-batch-size takes an integer, not 'two'"),
+    ("micro_batch_size: true", "--micro-batch-size takes an integer, not True"),
+    ("lr: fast", "--lr takes a number, not 'fast'"),
+    ("lr:", "--lr takes a number, not an empty value"),
+    ("optimizer: sgd", "--optimizer takes one of paged_adamw_8bit, adamw_8bit, paged_adamw, adamw_torch, not 'sgd'"),
+    ("gradient_checkpointing: sometimes", "--gradient-checkpointing takes true or false, not 'sometimes'"),
+    ("lora_target_modules: [1, 2]", "--lora-target-modules takes a list of projection names"),
+    ("data: {dir: d}", r"--data takes a string, not a mapping"),
+])
+def test_yaml_values_that_do_not_convert_are_refused(tmp_path, line, pattern):
+    key = line.split(":")[0]
+    with pytest.raises(UserError, match=rf"^--config \S*recipe\.yaml: key '{key}': {pattern}") as e:
+        resolve_config(_yaml(tmp_path, line + "\n"))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_lora_target_module_is_refused_before_anything_else():
+    with pytest.raises(UserError, match=r"^--lora-target-modules q_proj,foo: unknown projection name\(s\) foo; valid "
+                                        r"names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj$"):
+        finetune.main(["--estimate-memory", "--lora-target-modules", "q_proj,foo"])
+    with pytest.raises(UserError, match="--lora-target-modules q_proj,q_proj: q_proj named twice"):
+        resolve_config(["--model", "m", "--data", "d", "--output-dir", "o", "--lora-target-modules", "q_proj,q_proj"])
 
 
 def test_help_explains_every_flag():
@@ -224,6 +277,59 @@ def test_estimate_memory_exits_without_loading_a_model(capsys):
         assert code == 0 and out.strip()
     else:
         assert code == 1 and "not available yet" in out
+
+
+@pytest.fixture
+def liger_planned(monkeypatch):
+    """--estimate-memory plans the fast path wherever liger-kernel is installed; fix that, for the same numbers."""
+    import qlora.memory
+
+    monkeypatch.setattr(qlora.memory, "_liger_installed", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def test_estimate_memory_plans_for_nproc_and_seq_len(liger_planned, finetune_task_data, capsys):
+    # DDP's gradient buckets (a second fp32 copy of the LoRA gradients) push 4 processes over 90% of 39.4 GiB
+    assert finetune.main(["--estimate-memory", "--nproc", "4", "--gpu-memory-gib", "39.4"]) == 0
+    assert "seq 8192 x micro-batch 1" in (out := capsys.readouterr().out) and "2/32 blocks checkpointed" in out
+    assert "DDP gradient buckets" in out
+    assert finetune.main(["--estimate-memory", "--nproc", "1", "--gpu-memory-gib", "39.4"]) == 0
+    assert "0/32 blocks checkpointed" in (out := capsys.readouterr().out) and "DDP gradient buckets" not in out
+    assert finetune.main(["--estimate-memory", "--seq-len", "16384", "--gpu-memory-gib", "40"]) == 0
+    assert "seq 16384 x micro-batch 1" in capsys.readouterr().out
+    # the data's max_len is the default; --seq-len wins over it, and says so
+    assert finetune.main(["--estimate-memory", "--data", str(finetune_task_data)]) == 0
+    assert "seq 64 x micro-batch 1" in capsys.readouterr().out
+    assert finetune.main(["--estimate-memory", "--data", str(finetune_task_data), "--seq-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "planning for --seq-len 128, not the max_len 64 of" in out and "seq 128 x micro-batch 1" in out
+
+
+def test_estimate_memory_that_does_not_fit_exits_1_naming_the_knobs(liger_planned, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: finetune.main(["--estimate-memory", "--gpu-memory-gib", "8", "--micro-batch-size", "2"]))
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT a 8 GiB GPU" in captured.out  # the table comes first
+    lines = [x for x in captured.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("finetune.py: estimated peak GPU memory ")
+    assert "does not fit the 8 GiB GPU" in lines[0] and "shows the table" not in lines[0]
+    for knob in ("--micro-batch-size 1", "--max-len", "--gpu-memory-gib"):
+        assert knob in lines[0]
+
+
+def test_estimate_only_flags_stay_out_of_training(tmp_path):
+    from qlora.config import as_dict
+
+    for flag in ("--seq-len", "--nproc"):
+        with pytest.raises(UserError, match=rf"^{flag} is only used with --estimate-memory"):
+            resolve_config(["--model", "m", "--data", "d", "--output-dir", "o", flag, "4"])
+        with pytest.raises(UserError, match=rf"^{flag} 0: must be >= 1"):
+            resolve_config(["--estimate-memory", flag, "0"])
+    cfg = resolve_config(["--estimate-memory", "--seq-len", "4096", "--nproc", "4"])
+    assert cfg.seq_len == 4096 and cfg.nproc == 4
+    assert not {"seq_len", "nproc"} & set(as_dict(cfg))  # config.json and the printed recipe
 
 
 # ----------------------------------------------------------------------------------------------- one-line errors

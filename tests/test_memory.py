@@ -122,6 +122,21 @@ def test_check_fits_refuses_naming_the_knobs():
                                       device_type="cuda"))  # the default fits
 
 
+def test_fit_advice_is_check_fits_message_without_raising():
+    from qlora.errors import UserError
+    from qlora.memory import check_fits, fit_advice, resolve_speed_settings
+
+    fits = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
+    assert fit_advice(fits) is None and fit_advice(fits, table_shown=True) is None
+    st = resolve_speed_settings(_cfg(gpu_memory_gib=8.0), model_config=None, max_len=8192, device_type="cuda")
+    with pytest.raises(UserError) as e:
+        check_fits(st)
+    assert fit_advice(st) == str(e.value) and "--estimate-memory ... shows the table" in str(e.value)
+    # under --estimate-memory the table is already on the screen: the same advice, without pointing at it
+    assert fit_advice(st, table_shown=True) == str(e.value).replace(
+        "; python finetune.py --estimate-memory ... shows the table", "")
+
+
 def test_ddp_adds_gradient_buckets():
     one = estimate_memory(LLAMA3_8B, world_size=1)
     two = estimate_memory(LLAMA3_8B, world_size=2)
