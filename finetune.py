@@ -423,8 +423,10 @@ def train(cfg: TrainConfig, env: Dist) -> int:
         writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=start_step + 1)
     from tqdm import tqdm
 
+    # ASCII bars in log files: srun/torchrun relay stdout and stderr in chunks, and a line printed between two chunks
+    # of a bar could split one of its multi-byte block characters, leaving the SLURM log invalid UTF-8 (seen in CI).
     pbar = tqdm(total=max_steps, initial=start_step, disable=not env.is_main, unit="step", dynamic_ncols=True,
-                desc="train")
+                desc="train", ascii=not sys.stderr.isatty())
     order = StreamOrder(train_rows, seed=cfg.seed)
     run.set_status(state="running", step=start_step, max_steps=max_steps, world_size=env.world, pid=os.getpid())
 

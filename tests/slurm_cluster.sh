@@ -191,6 +191,8 @@ EOF
     [ "$(grep -c '^start' "$dir/out.log")" -ge 1 ] && [[ $state == PENDING ]] && break
     sleep 0.5
   done
+  # lift the ~2-minute requeue hold only once the node has finished the old instance (else: "Job credential revoked")
+  for _ in $(seq 120); do [[ $(sinfo -h -N -o '%t' | head -n1) == idle ]] && break; sleep 0.5; done
   scontrol update JobId="$jobid" StartTime=now
   for _ in $(seq 120); do
     state=$(scontrol show job "$jobid" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)

@@ -86,7 +86,8 @@ def job_info(jobid: int) -> dict:
 
 def job_log(workdir: Path, jobid: int) -> str:
     logs = list((workdir / "logs").glob(f"*-{jobid}.out"))
-    return logs[0].read_text() if logs else ""
+    # errors="replace": a log is written by several processes at once; a stray byte must not hide what it says
+    return logs[0].read_text(errors="replace") if logs else ""
 
 
 def wait_for(what: str, predicate, timeout: float, jobid: int, workdir: Path, every: float = 0.5):
@@ -99,6 +100,11 @@ def wait_for(what: str, predicate, timeout: float, jobid: int, workdir: Path, ev
     subprocess.run(["scancel", str(jobid)])
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; job {jobid}: {job_info(jobid)}\n"
                 f"log:\n{job_log(workdir, jobid)[-6000:]}")
+
+
+def node_idle() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.split()
+    return bool(out) and all(state == "idle" for state in out)
 
 
 def wait_done(jobid: int, workdir: Path, timeout: float = 240) -> dict:
@@ -193,7 +199,10 @@ def test_usr1_checkpoints_requeues_and_resumes(uninterrupted, tiny_model_dir, sh
         return info if info.get("Restarts") == "1" else None
     info = wait_for("the requeue", requeued, 120, jobid, work, every=0.2)
     if info.get("JobState") == "PENDING":
-        # SLURM holds a requeued job ~2 minutes (BeginTime) before it is eligible again; lift the hold.
+        # SLURM holds a requeued job ~2 minutes (BeginTime) before it is eligible again; lift the hold, but only
+        # once the node has finished completing the old instance: started while it still completes, the new one is
+        # killed ("Killing non-startable batch JobId=15: Job credential revoked", seen once in ten runs here).
+        wait_for("the node to finish the old instance", node_idle, 60, jobid, work, every=0.2)
         subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=True)
     stopped = re.search(r"status\.json: state=stopped step=(\d+)", job_log(work, jobid))
     assert stopped, job_log(work, jobid)[-4000:]
@@ -240,15 +249,15 @@ def test_bash_outside_slurm_stops_and_resumes(tiny_model_dir, shards, tmp_path):
     try:
         deadline = time.monotonic() + 180
         while not ((run_dir / "metrics.jsonl").is_file() and train_losses(run_dir)):
-            assert p.poll() is None, log1.read_text()[-4000:]
-            assert time.monotonic() < deadline, "no training step within 180 s:\n" + log1.read_text()[-4000:]
+            assert p.poll() is None, log1.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no training step within 180 s:\n" + log1.read_text(errors="replace")[-4000:]
             time.sleep(0.2)
         p.send_signal(signal.SIGUSR1)
-        assert p.wait(timeout=120) == 0, log1.read_text()[-4000:]
+        assert p.wait(timeout=120) == 0, log1.read_text(errors="replace")[-4000:]
     finally:
         if p.poll() is None:
             p.kill()
-    first = log1.read_text()
+    first = log1.read_text(errors="replace")
     assert "job none (not under SLURM)" in first and "1 node(s) x 1 process(es) (0 GPU(s)" in first
     assert "--standalone" in first and "srun" not in first
     assert_env_printed(first)
@@ -277,17 +286,17 @@ def test_usr1_during_setup_still_stops_at_a_checkpoint(tiny_model_dir, shards, t
                              stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while "finetune.sbatch: job none" not in log.read_text():  # printed after the trap is set, before setup
-            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        while "finetune.sbatch: job none" not in log.read_text(errors="replace"):  # printed after the trap is set, before setup
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
             time.sleep(0.05)
         p.send_signal(signal.SIGUSR1)
-        early = "finetune.sbatch: run:" not in log.read_text()
-        assert p.wait(timeout=300) == 0, log.read_text()[-4000:]
+        early = "finetune.sbatch: run:" not in log.read_text(errors="replace")
+        assert p.wait(timeout=300) == 0, log.read_text(errors="replace")[-4000:]
     finally:
         if p.poll() is None:
             p.kill()
     assert early, "the signal came after the launch; this test is meant for the setup phase"
-    out = log.read_text()
+    out = log.read_text(errors="replace")
     assert "finetune.sbatch: USR1 at" in out
     st = status(run_dir)
     assert st["state"] == "stopped" and 1 <= st["step"] < 6, st
