@@ -65,7 +65,7 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input (default 0: dropout copies every projection input, "
                                     "costing memory and time, and QLoRA on large data gains little from it)")
     lora_target_modules: list = _opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        list(LORA_TARGETS),
         "comma-separated projection names that get LoRA in every block (default all seven linear layers: the QLoRA "
         "paper found all-layer LoRA needed to match full fine-tuning)")
     gradient_checkpointing: bool = _opt(True, "recompute blocks' activations in the backward pass "
@@ -194,23 +194,23 @@ def _load_yaml(path: str) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"--config {p}: expected a mapping of flag names to values")
     names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in names:
             raise UserError(f"--config {p}: unknown key {key!r} (use the flag names of finetune.py --help)")
-        out[name] = _yaml_value(p, key, names[name], value)
+        out[name] = _yaml_value(p, key, names[name], getattr(defaults, name), value)
     return out
 
 
-def _yaml_value(path: Path, key, f: dataclasses.Field, value):
+def _yaml_value(path: Path, key, f: dataclasses.Field, default, value):
     """A YAML value converted as its command-line flag converts text, or a UserError naming the key and file.
 
     YAML's typing is not the flags': PyYAML reads 2e-4 as a string (its floats need a dot: 2.0e-4), and a float
     in an integer setting or a list in a scalar one would otherwise reach training unchecked.
     """
     flag = "--" + f.name.replace("_", "-")
-    default = getattr(TrainConfig(), f.name)
     type_ = _type_of(f.name, default)
     choices = f.metadata.get("choices")
     if f.metadata.get("action") is not None:
@@ -257,14 +257,13 @@ def validate(cfg: TrainConfig) -> None:
         for name in ("model", "data", "output_dir"):
             if getattr(cfg, name) is None:
                 raise UserError(f"--{name.replace('_', '-')} is required")
-    if cfg.max_steps is not None and cfg.epochs is not None:
-        raise UserError("give either --max-steps or --epochs, not both")
-    if not cfg.estimate_memory:
         for name, source in (("seq_len", "--data's metadata.json (pretokenize.py --max-len)"),
                              ("nproc", "the processes torchrun starts")):
             if getattr(cfg, name) is not None:
                 raise UserError(f"--{name.replace('_', '-')} is only used with --estimate-memory; training takes it "
                                 f"from {source}")
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise UserError("give either --max-steps or --epochs, not both")
     unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
     if unknown:
         raise UserError(f"--lora-target-modules {','.join(cfg.lora_target_modules)}: unknown projection name(s) "

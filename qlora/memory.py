@@ -307,12 +307,3 @@ def recipe_from_config(cfg, kernels: str | None = None) -> dict:
     return dict(micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_target_modules),
                 checkpoint_layers=ckpt, kernels=kernels, fused_mlp=kernels == "liger", fused_loss=kernels == "liger",
                 optimizer=cfg.optimizer, quantize=cfg.quantize, loss_chunk_size=getattr(cfg, "loss_chunk_size", 1024))
-
-
-def estimate_for_finetune(cfg, *, model_config: dict | None = None, max_len: int | None = None,
-                          world_size: int = 1, device_type: str | None = None,
-                          gpu_total_bytes: int | None = None) -> tuple[str, str]:
-    """(one-line summary, full table) for finetune.py's config ("auto" settings resolved as training would)."""
-    st = resolve_speed_settings(cfg, model_config=model_config, max_len=max_len, world_size=world_size,
-                                device_type=device_type, gpu_total_bytes=gpu_total_bytes)
-    return st["estimate"].summary(st["gpu_gib"]), st["estimate"].table(st["gpu_gib"])

@@ -16,8 +16,8 @@ import torch
 
 from .errors import UserError
 from .loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+from .memory import LORA_TARGETS as LORA_TARGET_MODULES  # the one list of the seven projections
 
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 
 

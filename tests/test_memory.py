@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.memory import GiB, LLAMA3_8B, choose_checkpoint_layers, estimate_for_finetune, estimate_memory
+from qlora.memory import GiB, LLAMA3_8B, choose_checkpoint_layers, estimate_memory, resolve_speed_settings
 from qlora.tiny_model import LLAMA3_8B_CONFIG
 
 
@@ -62,11 +62,11 @@ def test_fits_and_table_verdict():
     assert small.fits(40 * GiB) and "=> fits" in small.table(40)
 
 
-def test_estimate_for_finetune_reads_train_config():
+def test_resolve_speed_settings_reads_train_config():
     from qlora.config import TrainConfig
 
-    cfg = TrainConfig()
-    summary, table = estimate_for_finetune(cfg, model_config=None, max_len=8192, world_size=1)
+    st = resolve_speed_settings(TrainConfig(), model_config=None, max_len=8192, world_size=1)
+    summary, table = st["estimate"].summary(st["gpu_gib"]), st["estimate"].table(st["gpu_gib"])
     assert "GiB" in summary and "167,772,160" in table
 
 
