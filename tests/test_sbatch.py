@@ -319,6 +319,51 @@ def test_script_syntax_and_directives():
         assert want in text, want
 
 
+def repo_dir_found(script: Path, workdir: Path, **env_extra) -> subprocess.CompletedProcess:
+    """Run the batch script up to its venv check (VENV points nowhere, so it stops there, before anything heavy):
+    its error names the REPO_DIR the script settled on, or says it found no finetune.py."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "REPO_DIR", "VENV"))}
+    env.update(RUN_DIR=str(workdir / "run"), VENV=str(workdir / "no-venv"), PREREQ_MODULES="", **env_extra)
+    return subprocess.run(["bash", str(script)], env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+
+
+def test_sbatch_finetune_is_the_same_script(tmp_path):
+    """`sbatch finetune`, the users' command from their first README: `finetune` is a relative symlink to
+    finetune.sbatch (so it works in any clone), and the script finds the checkout through either name, both as
+    SLURM runs it (a copy in a spool directory; the submitted path comes from `scontrol show job`) and with bash."""
+    link = REPO / "finetune"
+    assert link.is_symlink() and os.readlink(link) == "finetune.sbatch"
+    assert link.resolve() == SBATCH.resolve()
+    found = f"run 'bash install_prereqs' in {REPO} (or set VENV)"
+
+    # outside SLURM: the script's own path
+    for name in ("finetune", "finetune.sbatch"):
+        p = repo_dir_found(REPO / name, tmp_path)
+        assert p.returncode == 1 and found in p.stderr, p.stderr
+
+    # under SLURM: a spool copy of the script, and an scontrol that reports the submitted command
+    spool, fakebin = tmp_path / "spool" / "job00042", tmp_path / "bin"
+    spool.mkdir(parents=True)
+    fakebin.mkdir()
+    shutil.copy(SBATCH, spool / "slurm_script")
+
+    def under_slurm(submitted: Path):
+        (fakebin / "scontrol").write_text(f"#!/bin/sh\necho '   Command={submitted} --max-steps 5'\n")
+        (fakebin / "scontrol").chmod(0o755)
+        return repo_dir_found(spool / "slurm_script", tmp_path, SLURM_JOB_ID="42", SLURM_SUBMIT_DIR=str(tmp_path),
+                              PATH=f"{fakebin}{os.pathsep}{os.environ['PATH']}")
+
+    for name in ("finetune", "finetune.sbatch"):
+        p = under_slurm(REPO / name)
+        assert p.returncode == 1 and found in p.stderr, p.stderr
+    # control: submitted from a directory without finetune.py, and submitted from there too -> refused, naming it
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "finetune").symlink_to(SBATCH)
+    p = under_slurm(elsewhere / "finetune")
+    assert p.returncode == 1 and f"no finetune.py in REPO_DIR={tmp_path}" in p.stderr, p.stderr
+
+
 def test_shellcheck_clean():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
