@@ -1,5 +1,5 @@
 """Stage 2: Llama-3 JSONL (from data_processing.py) -> token ids packed into rows of exactly --max-len tokens,
-written as zstd parquet shards (contract 3 in qlora/__init__.py; schema and metadata in README.md).
+written as zstd parquet shards (contract 3 in qlora/__init__.py; schema and metadata in docs/pretokenize.md).
 
     python pretokenize.py --input DIR --tokenizer Meta-Llama-3-8B --output-dir OUT [--max-len 8192]
 

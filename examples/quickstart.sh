@@ -27,7 +27,7 @@ INIT_STD=${INIT_STD:-0.1}
 MAX_LEN=${MAX_LEN:-512}
 # Training: LoRA r=16 (alpha 32) on all seven projections; a learning rate far above the 8B recipe's 2e-4, since
 # a random tiny model has everything to learn in ~2 epochs (1e-2 diverged, measured). Steps of 2 rows, not 4:
-# the same tokens in twice the optimizer steps learn far more here (measured, README quick start).
+# the same tokens in twice the optimizer steps learn far more here (measured, bench/NOTES.md).
 STEPS=${STEPS:-150}
 MICRO_BATCH=${MICRO_BATCH:-2}
 LR=${LR:-5e-3}

@@ -1,6 +1,6 @@
-"""The README's quick start end to end, shortened: examples/quickstart.sh runs all four stages on the bundled sample
-data with the tiny model; 20 training steps instead of 150, so only the loss is required to fall (by a third), not
-exact match to rise (the full run does both; README numbers)."""
+"""The quick start end to end, shortened: examples/quickstart.sh runs all four stages on the bundled sample data with
+the tiny model; 20 training steps instead of 150, so only the loss is required to fall (by a third), not exact match
+to rise (the full run does both; its numbers are in README.md and docs/quickstart.md)."""
 from __future__ import annotations
 
 import json
