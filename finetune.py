@@ -8,7 +8,7 @@
         (peak GPU memory plan, nothing loaded; exit status 0 if it fits, 1 and the settings to change if not)
 
 Recipe (defaults) and what each choice costs:
-  * base in 4-bit NF4 + double quantization, bf16 compute: ~5.7 GB of weights for 8B instead of 16 GB; every
+  * base in 4-bit NF4 + double quantization, bf16 compute (fp32 on the CPU, where bf16 is slow; --compute-dtype): ~5.7 GB of weights for 8B instead of 16 GB; every
     matmul dequantises on the fly (slower than bf16 weights). Norms/embeddings/lm_head stay bf16 and frozen. We do
     NOT call peft.prepare_model_for_kbit_training: its fp32 upcast of the norms ran the whole 8B network in fp32,
     4.4x slower and 2x larger.
@@ -60,8 +60,8 @@ from qlora.data import PackedShards, StreamOrder, eval_micro_batches, read_metad
 from qlora.errors import UserError, run_main
 from qlora.memory import check_fits, fit_advice, resolve_speed_settings
 from qlora.loss import count_label_tokens
-from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, forward_loss, load_base_model,
-                         resolve_attn_implementation, validate_model_dir)
+from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, forward_loss,
+                         load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
 
 STOP_FILE = "stop_requested"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
@@ -310,6 +310,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * env.world
     max_steps = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * len(train_rows) / rows_per_step)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * max_steps)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, env.device)
     attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
     if attn == "flex_attention" and env.device.type != "cuda":
         raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
@@ -368,7 +369,8 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     if cfg.quantize == "nf4" or cfg.optimizer != "adamw_torch":
         check_bitsandbytes(env.device)
     torch.manual_seed(cfg.seed)
-    base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=env.device)
+    base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=env.device,
+                           compute_dtype=compute_dtype)
     peft_model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules,
                             gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
@@ -390,7 +392,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     n_trainable, n_base = count_parameters(peft_model)
     tokens_per_step = rows_per_step * max_len
     resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": env.world, "device": str(env.device),
-                "attn_implementation": attn, "kernels": speed["kernels"],
+                "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": speed["kernels"],
                 "checkpoint_layers": speed["checkpoint_layers"], "gpu_memory_gib": speed["gpu_gib"],
                 "max_len": max_len, "rows_per_step": rows_per_step,
                 "tokens_per_step": tokens_per_step, "epochs": max_steps * rows_per_step / len(train_rows),
@@ -539,7 +541,8 @@ def print_recipe(cfg: TrainConfig, resolved: dict, mem, resume_path, start_step:
         lines.append(f"  {k:24s} {','.join(v) if isinstance(v, list) else v}")
     r = resolved
     lines += [
-        f"  {'processes':24s} {r['world_size']} on {r['device']} (attention: {r['attn_implementation']})",
+        f"  {'processes':24s} {r['world_size']} on {r['device']} (compute: {r['compute_dtype']}, attention: "
+        f"{r['attn_implementation']})",
         f"  {'trainable params':24s} {r['trainable_params']:,} ({r['trainable_percent']:.2f}% of "
         f"{r['base_params']:,} base parameters)",
         f"  {'tokens per step':24s} {r['tokens_per_step']:,} ({r['rows_per_step']} rows of {r['max_len']} = "

@@ -128,6 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "since merging into 4-bit weights would lose precision; prompts, if given, then run on the "
                         "merged model")
     m.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    m.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="dtype of activations and matmuls, as in finetune.py: auto = bf16 on CUDA, fp32 on the CPU "
+                        "(bf16 is emulated and ~30x slower on CPUs without AVX-512 BF16); fp32 is CPU-only. "
+                        "--merge-to merges in bf16 unless this says fp32")
     args = ap.parse_args(argv)
     given = [f"--{r}-token" for r in ROLES if getattr(args, f"{r}_token") is not None]
     if given and args.vocab is None:
@@ -361,11 +365,16 @@ def main(argv=None) -> int:
         raise UserError(f"--eval: no record in {args.input} has a reference \"response\"")
 
     from qlora.llama3 import load_tokenizer
-    from qlora.model import load_base_model
+    from qlora.model import dtype_name, load_base_model, resolve_compute_dtype
 
-    print(f"loading {model_dir} ({'4-bit NF4' if quantize == 'nf4' else 'bf16'}) on {device}"
+    # --merge-to writes bf16 weights and needs no fast matmuls: merging in bf16 keeps an 8B merge at 16 GB of RAM
+    compute_dtype = resolve_compute_dtype("bf16" if args.merge_to and args.compute_dtype == "auto"
+                                          else args.compute_dtype, device)
+    print(f"loading {model_dir} ({'4-bit NF4' if quantize == 'nf4' else 'plain weights'}, "
+          f"{dtype_name(compute_dtype)} compute) on {device}"
           f"{f' with adapter {adapter}' if adapter else ' without adapter'}", file=sys.stderr)
-    model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device)
+    model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device,
+                            compute_dtype=compute_dtype)
     tokenizer = load_tokenizer(model_dir)
     if adapter is not None:
         from peft import PeftModel

@@ -363,7 +363,13 @@ FINETUNE = {
     "finetune_lowmem": ["--low-memory"],
     "finetune_plain": ["--kernels", "none", "--checkpoint-layers", "all"],
     "finetune_adamw8bit": ["--gpu-memory-gib", "40", "--optimizer", "adamw_8bit"],   # not paged
+    # the code before the lm_head ran on labelled tokens only: Liger's fused linear-CE over every position of the row
+    "finetune_lmhead_all": ["--gpu-memory-gib", "40"],
 }
+# finetune.py with qlora.loss.labelled_rows flattening without dropping unlabelled positions (the reference above)
+LMHEAD_ALL = ("import runpy, sys, qlora.loss as L\n"
+              "L.labelled_rows = lambda h, t: (h.reshape(-1, h.shape[-1]), t.reshape(-1))\n"
+              "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 def run_finetune(name: str, args) -> dict:
@@ -373,7 +379,8 @@ def run_finetune(name: str, args) -> dict:
     run = Path(args.finetune_dir) / name
     shutil.rmtree(run, ignore_errors=True)
     flags = FINETUNE[name] + args.finetune_args.split()
-    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", args.model, "--data", args.data, "--output-dir",
+    launcher = ["-c", LMHEAD_ALL] if name.endswith("_lmhead_all") else []
+    cmd = [sys.executable] + launcher + [str(ROOT / "finetune.py"), "--model", args.model, "--data", args.data, "--output-dir",
            str(run), "--max-steps", str(args.warmup + args.steps), "--grad-accum", "1", "--micro-batch-size",
            str(args.mb), "--eval-every", "0", "--eval-max-rows", "1", "--save-every", "100000", "--log-every", "1",
            "--warmup-steps", "0"] + flags

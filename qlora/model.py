@@ -1,9 +1,10 @@
-"""Base-model loading (4-bit NF4 or bf16), LoRA placement and the one training forward (`forward_loss`).
+"""Base-model loading (4-bit NF4 or plain weights), LoRA placement and the one training forward (`forward_loss`).
 
-Shared by finetune.py and predict.py. Everything runs in bf16: we deliberately do NOT call
+Shared by finetune.py and predict.py. One compute dtype for the whole network, chosen per device
+(`resolve_compute_dtype`): bf16 on CUDA, fp32 on the CPU. On the GPU we deliberately do NOT call
 peft.prepare_model_for_kbit_training, which upcasts every norm (and with it the residual stream) to fp32 — measured
-4.4x slower and 2x larger on the 8B model. Instead the base is frozen by hand, norms and embeddings stay bf16, and
-gradients reach the LoRA weights through non-reentrant checkpointing / enable_input_require_grads.
+4.4x slower and 2x larger on the 8B model. Instead the base is frozen by hand, norms and embeddings stay in the
+compute dtype, and gradients reach the LoRA weights through non-reentrant checkpointing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,43 @@ from .loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
 from .memory import LORA_TARGETS as LORA_TARGET_MODULES  # the one list of the seven projections
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively (AVX-512 BF16 or AMX); elsewhere they are emulated."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_compute_dtype(flag: str, device, *, native_cpu_bf16: bool | None = None) -> torch.dtype:
+    """The dtype every activation and matmul runs in: --compute-dtype auto|bf16|fp32 for this device.
+
+    auto: bf16 on CUDA (the recipe: half the activation memory, tensor-core matmuls). fp32 on every CPU: without native
+    bf16 (AVX2 only) a bf16 matmul is emulated and ~30x slower than fp32, and even with it the quick start's training
+    step ran faster in fp32 than today's bf16 did (bench/RESULTS.md, "CPU compute dtype"); one dtype on every CPU also
+    gives the same numbers on both kinds. native_cpu_bf16 (default: ask oneDNN) only decides whether forcing bf16 on
+    a CPU earns a warning. fp32 on CUDA is refused: the GPU memory plan and fast kernels are built for bf16.
+    """
+    if flag not in ("auto", *COMPUTE_DTYPES):
+        raise UserError(f"--compute-dtype {flag}: choose auto, bf16 or fp32")
+    device = torch.device(device)
+    if flag == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if flag == "fp32" and device.type == "cuda":
+        raise UserError("--compute-dtype fp32 runs on the CPU only: on CUDA the memory plan and the fast kernels are "
+                        "built for bf16 (use auto or bf16 there)")
+    if flag == "bf16" and device.type == "cpu":
+        native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
+        if not native:
+            import warnings
+
+            warnings.warn("--compute-dtype bf16 on a CPU without native bf16 (no AVX-512 BF16/AMX): bf16 matmuls "
+                          "are emulated there, ~30x slower than fp32", stacklevel=2)
+    return COMPUTE_DTYPES[flag]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in COMPUTE_DTYPES.items() if v == dtype)
 
 
 # ----------------------------------------------------------------------------------------------- model directory
@@ -76,13 +114,14 @@ def check_bitsandbytes(device) -> None:
 
 
 def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn_implementation: str = "auto",
-                    device="cpu"):
-    """Load a local Llama-3 model for training or generation, in bf16 throughout (never fp32).
+                    device="cpu", compute_dtype: torch.dtype | None = None):
+    """Load a local Llama-3 model for training or generation, in one compute dtype throughout.
 
     quantize="nf4": QLoRA base — 4-bit NormalFloat weights with double quantisation (the quantisation constants are
-    quantised too, ~0.4 bit/param saved), bf16 compute; embeddings, norms and lm_head stay bf16.
-    quantize="none": plain bf16 weights (for merging or when bitsandbytes is unavailable).
+    quantised too, ~0.4 bit/param saved), matmuls in the compute dtype; embeddings, norms and lm_head in it too.
+    quantize="none": plain weights in the compute dtype (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
+    compute_dtype: default `resolve_compute_dtype("auto", device)` (bf16 on CUDA, fp32 on the CPU).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -91,20 +130,22 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     attn = resolve_attn_implementation(attn_implementation, device)
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation=attn,
+    compute_dtype = compute_dtype or resolve_compute_dtype("auto", device)
+    kwargs = dict(dtype=compute_dtype, attn_implementation=attn,
                   device_map={"": device} if device.type == "cuda" else "cpu")
     if quantize == "nf4":
         check_bitsandbytes(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=compute_dtype)
     elif quantize != "none":
         raise UserError(f"--quantize {quantize}: choose nf4 or none")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    # bf16 everywhere, whatever dtype the checkpoint was saved in (Params4bit stay packed; they are not floats).
+    # One dtype everywhere, whatever the checkpoint was saved in (Params4bit stay packed; they are not floats): a
+    # stray fp32 weight on the GPU would silently run the network in fp32.
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype == torch.float32:
-            raise AssertionError(f"{name} loaded in fp32")  # would silently run the network in fp32
+        if p.is_floating_point() and p.dtype != compute_dtype:
+            raise AssertionError(f"{name} loaded in {p.dtype}, not {compute_dtype}")
     return model
 
 
@@ -115,8 +156,8 @@ def apply_lora(model, *, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
     """Freeze the base, optionally enable non-reentrant checkpointing, and add LoRA to `target_modules` of every block.
 
     LoRA weights are kept in fp32 (peft's default) as master weights so small late-schedule updates are not lost to
-    bf16 rounding; `forward_loss` runs under bf16 autocast, so their matmuls still run in bf16 and the 4-bit base
-    matmuls see bf16 inputs. Norms and embeddings stay bf16 and frozen.
+    bf16 rounding; with a bf16 base `forward_loss` runs under bf16 autocast, so their matmuls still run in bf16 and
+    the 4-bit base matmuls see bf16 inputs. Norms and embeddings stay in the compute dtype and frozen.
     checkpoint_layers: with gradient_checkpointing, recompute only the first N blocks (-1: all; qlora/memory.py
     picks N). kernels="liger": the CUDA fast path of qlora/speed.py (same function, fewer passes over memory).
     """
@@ -201,7 +242,9 @@ def forward_loss(model, batch: dict, *, loss_chunk_size: int = 1024):
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+    # The base's dtype is the compute dtype (load_base_model); under bf16, autocast runs the fp32 LoRA weights in bf16.
+    bf16 = base.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
         hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                             use_cache=False).last_hidden_state
         targets = shift_labels(batch["labels"], batch["position_ids"])

@@ -222,11 +222,16 @@ def checkpoint_layers(model, n: int) -> int:
 
 
 def fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies of hidden @ weight^T against targets (-100 ignored), logits never stored (Liger)."""
+    """Sum of token cross-entropies of hidden @ weight^T against targets (-100 ignored), logits never stored (Liger),
+    computed for the labelled tokens only (Liger would run the lm_head over ignored positions too)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    from .loss import IGNORE_INDEX, labelled_rows
+
+    hidden, targets = labelled_rows(hidden, targets)
+    if targets.numel() == 0:  # keep the graph connected: DDP needs every rank to produce (zero) gradients
+        return (hidden.sum() * 0.0).float()
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def enable_fast_path(model) -> dict:

@@ -82,6 +82,7 @@ def test_run_directory_has_everything_of_contract_4(reference_run, tiny_model_di
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["lora_r"] == 64 and cfg["config"]["optimizer"] == "paged_adamw_8bit"
     assert cfg["resolved"]["tokens_per_step"] == 4 * 64 and cfg["resolved"]["trainable_params"] > 0
+    assert cfg["config"]["compute_dtype"] == "auto" and cfg["resolved"]["compute_dtype"] == "fp32"  # CPU: fp32
     assert cfg["versions"]["torch"] and cfg["versions"]["peft"] and "git_commit" in cfg
     losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]

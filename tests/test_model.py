@@ -1,9 +1,10 @@
-"""qlora/model.py + qlora/loss.py on the tiny Llama-3 model (CPU): 4-bit base, LoRA placement, bf16 compute,
+"""qlora/model.py + qlora/loss.py on the tiny Llama-3 model (CPU): 4-bit base, LoRA placement, compute dtype,
 document isolation in packed rows, label masking, chunked loss, learning on a repeated batch."""
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import bitsandbytes as bnb
 import numpy as np
@@ -15,14 +16,22 @@ from qlora.data import packed_position_ids
 from qlora.errors import UserError
 from qlora.llama3 import BOS_ID, END_OF_TEXT_ID, PAD_ID
 from qlora.loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
-from qlora.model import (LORA_TARGET_MODULES, apply_lora, check_lora_placement, count_parameters, forward_loss,
-                         load_base_model, validate_model_dir)
+from qlora.model import (LORA_TARGET_MODULES, apply_lora, check_lora_placement, count_parameters, cpu_has_native_bf16,
+                         forward_loss, load_base_model, resolve_compute_dtype, validate_model_dir)
 from shard_fixtures import pack_row, random_doc
 
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_model_dir):
+    """The CPU default: fp32 compute (resolve_compute_dtype)."""
     return apply_lora(load_base_model(tiny_model_dir, quantize="nf4"), r=8, alpha=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_lora_model(tiny_model_dir):
+    """The GPU recipe's dtype, forced on the CPU (kept to tiny inputs: bf16 is emulated on AVX2-only CPUs)."""
+    return apply_lora(load_base_model(tiny_model_dir, quantize="nf4", compute_dtype=torch.bfloat16), r=8, alpha=16,
+                      seed=0)
 
 
 def batch_of(rows):
@@ -44,7 +53,7 @@ def test_base_is_nf4_double_quant_and_lora_on_every_target_of_every_block(lora_m
             assert isinstance(module.base_layer, bnb.nn.Linear4bit), name
             qs = module.base_layer.weight.quant_state
             assert qs.quant_type == "nf4" and qs.nested, "NF4 with double quantization (nested constants)"
-            assert module.base_layer.compute_dtype == torch.bfloat16
+            assert module.base_layer.compute_dtype == torch.float32
             a, b = module.lora_A["default"], module.lora_B["default"]
             assert a.weight.requires_grad and b.weight.requires_grad
             expected_trainable += 8 * (module.in_features + module.out_features)
@@ -52,11 +61,11 @@ def test_base_is_nf4_double_quant_and_lora_on_every_target_of_every_block(lora_m
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * n_layers * len(LORA_TARGET_MODULES)
     assert count_parameters(lora_model)[0] == expected_trainable
-    # frozen base stays bf16 (nothing upcast to fp32 as prepare_model_for_kbit_training would do)
+    # the frozen base is in the one compute dtype, fp32 on the CPU (on the GPU: bf16, test_compute_dtype_reaches...)
     frozen_float = {p.dtype for p in lora_model.parameters() if not p.requires_grad and p.is_floating_point()}
-    assert frozen_float == {torch.bfloat16}
+    assert frozen_float == {torch.float32}
     norms = [m for n, m in base.named_modules() if n.endswith("norm")]
-    assert norms and all(m.weight.dtype == torch.bfloat16 for m in norms)
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
 
 
 def test_lora_placement_check_catches_bad_targets(lora_model):
@@ -71,7 +80,9 @@ def test_lora_placement_check_catches_bad_targets(lora_model):
         w.requires_grad_(False)
 
 
-def test_bf16_reaches_the_4bit_matmuls(lora_model):
+@pytest.mark.parametrize("model_fixture, dtype", [("lora_model", torch.float32), ("bf16_lora_model", torch.bfloat16)])
+def test_compute_dtype_reaches_the_4bit_matmuls(request, model_fixture, dtype):
+    lora_model = request.getfixturevalue(model_fixture)
     seen = []
 
     def hook(module, inputs, output):
@@ -81,14 +92,34 @@ def test_bf16_reaches_the_4bit_matmuls(lora_model):
     try:
         rows = [pack_row([random_doc(np.random.default_rng(0), 20)], 32)]
         loss, n = forward_loss(lora_model, batch_of(rows))
-        loss.backward()  # recompute under checkpointing runs the hooks again: still bf16
+        loss.backward()  # recompute under checkpointing runs the hooks again: still the same dtype
     finally:
         for h in handles:
             h.remove()
         lora_model.zero_grad(set_to_none=True)
     n_modules = sum(isinstance(m, bnb.nn.Linear4bit) for m in lora_model.modules())
     assert len(seen) >= 2 * n_modules  # forward + checkpoint recompute
-    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert set(seen) == {(dtype, dtype)}
+
+
+def test_compute_dtype_is_bf16_on_cuda_and_fp32_on_every_cpu():
+    for native in (True, False):  # both answers of the CPU capability check
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto and fp32 never warn
+            assert resolve_compute_dtype("auto", "cpu", native_cpu_bf16=native) == torch.float32
+            assert resolve_compute_dtype("fp32", "cpu", native_cpu_bf16=native) == torch.float32
+            assert resolve_compute_dtype("auto", "cuda", native_cpu_bf16=native) == torch.bfloat16
+            assert resolve_compute_dtype("bf16", "cuda:1", native_cpu_bf16=native) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_compute_dtype("bf16", "cpu", native_cpu_bf16=True) == torch.bfloat16
+    with pytest.warns(UserWarning, match="emulated"):
+        assert resolve_compute_dtype("bf16", "cpu", native_cpu_bf16=False) == torch.bfloat16
+    with pytest.raises(UserError, match="fp32 runs on the CPU only"):
+        resolve_compute_dtype("fp32", "cuda")
+    with pytest.raises(UserError, match="choose auto, bf16 or fp32"):
+        resolve_compute_dtype("fp16", "cpu")
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -147,20 +178,33 @@ def test_label_masking_reaches_the_loss(lora_model):
     assert int((shift_labels(leaky_labels, batch["position_ids"]) != IGNORE_INDEX).sum()) == len(expect_positions)
 
 
-def test_chunked_linear_cross_entropy_matches_full_logits():
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_chunked_linear_cross_entropy_matches_full_logits(dtype, tol):
+    """The frozen-lm_head path computes d/d hidden in its forward; it must equal autograd through full logits, scaled
+    by the upstream gradient (the training step multiplies the loss by world/global label tokens)."""
     torch.manual_seed(0)
-    hidden = torch.randn(3, 11, 16, dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(50, 16, dtype=torch.bfloat16)
+    hidden = torch.randn(3, 11, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=dtype)
     targets = torch.randint(0, 50, (3, 11))
     targets[0, :4] = IGNORE_INDEX
     loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_size=4)
-    loss.backward()
+    (loss * 0.37).backward()
     g = hidden.grad.clone()
     hidden.grad = None
     ref = F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, 50), targets.reshape(-1), reduction="sum")
-    ref.backward()
+    (ref * 0.37).backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g, hidden.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g, hidden.grad, rtol=tol, atol=tol)
+    assert not torch.equal(g[0, :4], g[0, 4:8])  # control: masked positions get zero gradient, labelled ones do not
+    assert float(g[0, :4].abs().sum()) == 0.0
+    # a trainable weight takes the checkpointed path: same loss, and gradients for both inputs
+    w = weight.clone().requires_grad_(True)
+    hidden.grad = None
+    loss_w = linear_cross_entropy_sum(hidden, w, targets, chunk_size=4)
+    loss_w.backward()
+    torch.testing.assert_close(loss_w, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden.grad * 0.37, g, rtol=tol, atol=tol)
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
     # no target at all: zero loss that still backpropagates (DDP needs a gradient from every rank)
     empty = linear_cross_entropy_sum(hidden, weight, torch.full((3, 11), IGNORE_INDEX))
     assert float(empty.detach()) == 0.0 and empty.requires_grad
