@@ -27,6 +27,8 @@ import os
 import signal
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from qlora.atomic import atomic_dir, check_output_dir, output_errors, write_json_atomic
@@ -82,8 +84,8 @@ _TOKENIZER = None
 
 
 def _worker_signals():
-    # Ctrl-C reaches the whole process group: the parent alone unwinds (and removes its temporary), then ends the
-    # pool with SIGTERM, which must end a worker at once (the parent's SIGTERM handler was inherited by the fork).
+    # Ctrl-C reaches the whole process group: the parent alone unwinds (removing its temporary) and stops the pool.
+    # SIGTERM ends a worker at once, as by default (the fork inherited the parent's handler, which would unwind).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -128,12 +130,16 @@ def tokenized_chunks(path: Path, pool, args, after_first_result=None):
             yield first_done(_tokenize_chunk(lines, str(path), first, args.train_on_prompt))
         return
     pending = deque()
-    for lines, first in read_line_chunks(path, args.chunk_bytes):
-        pending.append(pool.apply_async(_tokenize_chunk, (lines, str(path), first, args.train_on_prompt)))
-        if len(pending) >= 2 * args.num_proc:
-            yield first_done(pending.popleft().get())
-    while pending:
-        yield first_done(pending.popleft().get())
+    try:
+        for lines, first in read_line_chunks(path, args.chunk_bytes):
+            pending.append(pool.submit(_tokenize_chunk, lines, str(path), first, args.train_on_prompt))
+            if len(pending) >= 2 * args.num_proc:
+                yield first_done(pending.popleft().result())
+        while pending:
+            yield first_done(pending.popleft().result())
+    except BrokenProcessPool:
+        raise UserError(f"{path}: a tokenizer worker process was killed (out of memory? fewer --num-proc or a "
+                        f"smaller --chunk-bytes need less)") from None
 
 
 def pretokenize_split(path: Path, split_dir: Path, pool, args, long_policy, after_first_result=None):
@@ -226,8 +232,11 @@ def main(argv=None) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = None
     if args.num_proc > 1:
-        # fork: workers inherit _TOKENIZER (no second 9 MB parse); the parent has no threads yet
-        pool = multiprocessing.get_context("fork").Pool(args.num_proc, initializer=_worker_signals)
+        # fork: workers inherit _TOKENIZER (no second 9 MB parse). Unlike multiprocessing.Pool, which waits forever
+        # for a worker that was killed (the OOM killer, scancel's SIGTERM), the executor then raises.
+        pool = ProcessPoolExecutor(args.num_proc, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_signals)
+        pool.submit(int).result()  # fork the workers now, while the parent has no other thread (tqdm's comes later)
     t0 = time.time()
     try:
         with output_errors("--output-dir", out), atomic_dir(out) as tmp:
@@ -277,7 +286,7 @@ def main(argv=None) -> int:
             write_json_atomic(tmp / METADATA_FILE, meta)
     finally:
         if pool is not None:
-            pool.terminate()   # on success the workers are idle; on error nothing of theirs is wanted
+            pool.shutdown(wait=False, cancel_futures=True)  # on error nothing of theirs is wanted
     print(f"wrote {out}/ ({meta['format']}, {meta['seconds']:.1f} s)")
     return 0
 
