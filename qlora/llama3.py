@@ -31,6 +31,27 @@ PAD_ID = END_OF_TEXT_ID
 
 ASSISTANT_HEADER = f"{START_HEADER}assistant{END_HEADER}\n\n"
 
+
+def header(role: str) -> str:
+    return f"{START_HEADER}{role}{END_HEADER}\n\n"
+
+
+def format_plain(text: str) -> str:
+    return f"{BOS}{text}{EOT_TEXT}"
+
+
+def format_chat_prompt(prompt: str, system: str | None = None) -> str:
+    """Everything up to and including the assistant header: what generation starts from."""
+    out = BOS
+    if system:
+        out += header("system") + system + EOT
+    return out + header("user") + prompt + EOT + ASSISTANT_HEADER
+
+
+def format_chat(prompt: str, response: str, system: str | None = None) -> str:
+    return format_chat_prompt(prompt, system) + response + EOT
+
+
 # The longest context of any Llama-3 model (3.1 and later; Llama-3-8B has 8192): a row longer than the model's
 # context cannot be trained, and pretokenize.py's buffers grow with the row length.
 MAX_CONTEXT = 131072
@@ -56,26 +77,6 @@ def check_user_text(what: str, text: str) -> None:
     if m:
         raise UserError(f"{what}: contains the Llama-3 control token {m.group(0)}, which would change the "
                         f"document's structure")
-
-
-def header(role: str) -> str:
-    return f"{START_HEADER}{role}{END_HEADER}\n\n"
-
-
-def format_plain(text: str) -> str:
-    return f"{BOS}{text}{EOT_TEXT}"
-
-
-def format_chat_prompt(prompt: str, system: str | None = None) -> str:
-    """Everything up to and including the assistant header: what generation starts from."""
-    out = BOS
-    if system:
-        out += header("system") + system + EOT
-    return out + header("user") + prompt + EOT + ASSISTANT_HEADER
-
-
-def format_chat(prompt: str, response: str, system: str | None = None) -> str:
-    return format_chat_prompt(prompt, system) + response + EOT
 
 
 def bundled_tokenizer_json() -> str:
