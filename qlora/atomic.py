@@ -91,7 +91,7 @@ def _signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` as a whole, on error it is removed.
 
     The swap is two renames (old -> aside, tmp -> path), so readers see either the old or the new tree, never a
@@ -108,8 +108,6 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         yield tmp
         with _signals_held():
             if os.path.lexists(path):
-                if not replace:
-                    raise FileExistsError(errno.EEXIST, "exists", str(path))
                 aside = _temporary(path, "old")
                 os.replace(path, aside)
             try:
