@@ -246,7 +246,8 @@ def output_errors(flag: str, path: str | os.PathLike) -> Iterator[None]:
     except OSError as e:
         named = Path(os.path.abspath(e.filename)) if isinstance(e.filename, (str, os.PathLike)) else None
         on_output = named is not None and (named in ours.parents or any(
-            p == ours or p.parent == ours.parent and p.name.startswith(f".{ours.name}.") for p in (named, *named.parents)))
+            p == ours or p.parent == ours.parent and p.name.startswith(f".{ours.name}.")
+            for p in (named, *named.parents)))
         if e.errno not in _WRITE_ERRNOS and not on_output:
             raise
         reason = os.strerror(e.errno) if e.errno else str(e)

@@ -71,8 +71,9 @@ def check_user_text(what: str, text: str) -> None:
     """Raise a one-line UserError naming `what` (a flag) when `text` cannot go into a Llama-3 document as is."""
     m = LONE_SURROGATE_RE.search(text)
     if m:
-        raise UserError(f"{what}: not valid Unicode at character {m.start()} (a lone surrogate "
-                        f"{m.group(0).encode('utf-8', 'backslashreplace').decode()}, e.g. from bytes that are not UTF-8)")
+        shown = m.group(0).encode("utf-8", "backslashreplace").decode()
+        raise UserError(f"{what}: not valid Unicode at character {m.start()} (a lone surrogate {shown}, e.g. from "
+                        f"bytes that are not UTF-8)")
     m = CONTROL_TOKEN_RE.search(text)
     if m:
         raise UserError(f"{what}: contains the Llama-3 control token {m.group(0)}, which would change the "

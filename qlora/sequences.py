@@ -13,8 +13,8 @@ unless every sequence has the same length.
   .pt       tensor (2-D or 1-D), list of lists/tensors, or dict holding one under `ids_field`     loaded whole
 
 Every problem is a one-line UserError naming the file and row: missing, unreadable, damaged or empty file,
-malformed line, non-integer value, missing field/column. Object arrays in .npy/.npz and .pt files are unpickled (the user's own
-data; .pt is read with torch's weights_only loader).
+malformed line, non-integer value, missing field/column. Object arrays in .npy/.npz and .pt files are unpickled
+(the user's own data; .pt is read with torch's weights_only loader).
 """
 from __future__ import annotations
 

@@ -417,8 +417,8 @@ def last_traceback_cases(d: Path) -> dict:
                                          "--system-prompt: not valid Unicode at character 3 (a lone surrogate "
                                          "\\udce9, e.g. from bytes that are not UTF-8)"),
         "surrogate in --joiner": (["--vocab", VOCAB, *seqs, "--joiner", "\udce9"],
-                                  "--joiner '\\udce9': not valid Unicode at character 0 (a lone surrogate \\udce9, e.g. "
-                                  "from bytes that are not UTF-8)"),
+                                  "--joiner '\\udce9': not valid Unicode at character 0 (a lone surrogate "
+                                  "\\udce9, e.g. from bytes that are not UTF-8)"),
         "damaged npz member": (["--vocab", VOCAB, "--input", d / "damaged.npz"],
                                f"{d}/damaged.npz: array 'input_ids' is damaged (Bad CRC-32 for file 'input_ids.npy')"),
         "output under a file": (["--vocab", VOCAB, *seqs, "--output-dir", d / "afile" / "out"],

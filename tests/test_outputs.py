@@ -235,7 +235,8 @@ def test_pretokenize_stopped_by_scancel_removes_its_temporary(tmp_path, llama3_t
     (tmp_path / "in").mkdir()
     with open(tmp_path / "in" / "train.jsonl", "w") as f:
         for i in range(15000):
-            f.write(json.dumps({"text": format_plain(" ".join(words[(i + j) % len(words)] for j in range(200)))}) + "\n")
+            text = " ".join(words[(i + j) % len(words)] for j in range(200))
+            f.write(json.dumps({"text": format_plain(text)}) + "\n")
     for sig, code in [(signal.SIGTERM, 143), (signal.SIGINT, 130)]:
         out = tmp_path / f"out{sig}"
         proc = subprocess.Popen([sys.executable, "pretokenize.py", "--input", str(tmp_path / "in"), "--tokenizer",
