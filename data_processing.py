@@ -7,11 +7,14 @@ Features, each with its trade-off:
   * Vocabulary: JSON token->id, JSON id->token, JSON list, one token a line, or token<TAB>id lines (qlora/vocab.py).
     Specials are found by their common names (<pad>, <s>, </s>, <sep>, [PAD], [SEP], [CLS], <unk>, ...) unless a
     --*-token flag names them. pad is stripped wherever it stands, bos/eos are dropped (Llama's own are used).
+    Rows of a 2-D array are padded to one length: without a pad token that is an error (--pad-token names it),
+    and so is any token after eos but pad, instead of padding kept as text.
   * Inputs: .npy/.npz/.pt/.txt/.jsonl/.parquet, several files or globs (qlora/sequences.py). txt/jsonl/parquet are
     streamed and output lines are written as they come, so memory stays bounded whatever the input size;
     npy is memory-mapped, npz and pt are loaded whole (they cannot be streamed).
-  * Text: hand token strings joined by --joiner; qlora.vocab.HandVocab.text_to_ids inverts it exactly (tokens
-    containing the joiner are refused up front, so the inverse can never be ambiguous).
+  * Text: hand token strings joined by --joiner; qlora.vocab.HandVocab.text_to_ids inverts it exactly (a joiner
+    that a token contains or overlaps is refused up front, so the inverse can never be ambiguous). Llama-3
+    control-token strings are refused in tokens, --joiner and --system-prompt, and in the text they form together.
   * Format: plain <|begin_of_text|>TEXT<|end_of_text|>, or chat (prompt = user turn, response = assistant turn,
     split at the separator). The default is decided by the FIRST non-empty sequence (chat if it has a separator):
     no second pass over a large input; a later sequence that disagrees is an error that says which flag to pass.
@@ -20,7 +23,8 @@ Features, each with its trade-off:
     train/validation leakage through duplicates). The validation share is therefore close to, not exactly, F.
   * Unknown ids: an error naming file, row and position, or with --on-unknown skip, skipped and counted.
   * Atomic: everything is written into a temporary sibling of DIR that replaces DIR only on success, so a failed
-    run leaves no partial file (and an earlier good DIR stays as it was).
+    or interrupted run leaves no partial file (and an earlier good DIR stays as it was). DIR must be new, empty or
+    an earlier output of this stage, and hold no input (qlora.atomic.check_output_dir).
 """
 from __future__ import annotations
 
@@ -31,13 +35,12 @@ import os
 import sys
 import time
 from array import array
-from pathlib import Path
 
 from tqdm import tqdm
 
-from qlora.atomic import atomic_dir
+from qlora.atomic import atomic_dir, check_output_dir, output_errors
 from qlora.errors import UserError, run_main
-from qlora.llama3 import format_chat, format_plain
+from qlora.llama3 import CONTROL_TOKEN_RE, check_user_text, format_chat, format_plain
 from qlora.sequences import count_rows, expand_inputs, iter_sequences, where
 from qlora.vocab import SequenceError, add_special_token_flags, load_hand_vocab
 
@@ -54,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--input", required=True, nargs="+", metavar="FILE",
                     help="sequence files or globs (quote globs): .npy .npz .pt .txt .jsonl .parquet")
     ap.add_argument("--output-dir", required=True, metavar="DIR",
-                    help="output directory (created; a previous data_processing output there is replaced)")
+                    help="output directory (created; a previous data_processing output there is replaced; any "
+                         "other non-empty directory, or one holding an input, is refused)")
     ap.add_argument("--format", choices=["auto", "plain", "chat"], default="auto",
                     help="auto: chat if the first non-empty sequence contains the separator, else plain. "
                          "With plain, separators stay in the text as their token")
@@ -75,27 +79,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--val-fraction {args.val_fraction}: must be >= 0 and < 1")
     if not -2**63 <= args.seed < 2**63:  # it is the 8-byte key of the split hash (in_validation)
         raise UserError(f"--seed {args.seed}: must be a 64-bit integer, -2**63 <= N < 2**63")
+    if args.system_prompt is not None:
+        check_user_text("--system-prompt", args.system_prompt)
     return args
 
 
-def check_output_dir(path: str, inputs: list[str]) -> None:
-    """Refuse to replace a directory that is not an earlier output of this stage (atomic_dir swaps it whole)."""
-    out = Path(path)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--output-dir {path}: exists and is not a directory")
-    if out.resolve() in [Path(f).resolve().parent for f in inputs] + [Path.cwd().resolve()]:
-        raise UserError(f"--output-dir {path}: holds input files or is the working directory; choose a new directory")
-    if not any(out.iterdir()):
-        return
-    try:
-        ours = json.loads((out / "metadata.json").read_text()).get("stage") == STAGE
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise UserError(f"--output-dir {path}: exists and is not a data_processing output; "
-                        f"choose a new or empty directory")
+def check_no_control_token(text: str, file: str, row: int, joiner: str) -> None:
+    """No token holds a Llama-3 control string (check_text_safe), but neighbours joined by a joiner can form one
+    ("<|eot" + "_" + "id|>"); the tokenizer would then end the turn there."""
+    m = CONTROL_TOKEN_RE.search(text) if "<|" in text else None
+    if m:
+        raise UserError(f"{where(file, row)}: its tokens joined by --joiner {joiner!r} form the Llama-3 control "
+                        f"token {m.group(0)}; choose another --joiner")
 
 
 def in_validation(ids: list[int], seed: int, val_fraction: float) -> bool:
@@ -114,7 +109,9 @@ def main(argv=None) -> int:
     if args.format == "chat" and sep is None:
         raise UserError(f"--format chat: the vocabulary {args.vocab} has no separator token; name it with --sep-token")
     files = expand_inputs(args.input)
-    check_output_dir(args.output_dir, files)
+    check_output_dir(args.output_dir, {"--vocab": args.vocab, "--input": files}, stage=STAGE)
+    # rows padded to one length, and nothing says which token pads them: it would be kept as text
+    pad_unknown = vocab.specials.pad is None and overrides["pad"] is None
 
     fmt = None if args.format == "auto" else args.format
     decided_by = "--format" if fmt else None
@@ -130,11 +127,15 @@ def main(argv=None) -> int:
     total = sum(totals) if all(t is not None for t in totals) else None
     t0 = time.time()
 
-    with atomic_dir(args.output_dir) as tmp, \
+    with output_errors("--output-dir", args.output_dir), atomic_dir(args.output_dir) as tmp, \
             open(tmp / "train.jsonl", "w", encoding="utf-8") as train_f, \
             open(tmp / "validation.jsonl", "w", encoding="utf-8") as val_f:
         bar = tqdm(total=total, unit="rows", unit_scale=True, desc="data_processing", disable=None, mininterval=1.0)
-        for file, row, ids in iter_sequences(files, args.ids_field):
+        for file, row, ids, padded in iter_sequences(files, args.ids_field):
+            if padded and pad_unknown:
+                raise UserError(f"{file}: a 2-D array, so its rows are padded to one length, but no token of "
+                                f"{args.vocab} is known as pad; name it with --pad-token T (or pass --pad-token '' "
+                                f"if no row is padded)")
             bar.update(1)
             counts["rows_read"] += 1
             per_file[file] = per_file.get(file, 0) + 1
@@ -169,11 +170,13 @@ def main(argv=None) -> int:
             source = f"{file}:{row}"
             if fmt == "plain":
                 text = vocab.ids_to_text(prompt_ids, joiner)
+                check_no_control_token(text, file, row, joiner)
                 record = {"text": format_plain(text), "format": "plain", "source": source}
                 split_ids, n_tokens = prompt_ids, len(prompt_ids)
             else:
                 prompt = vocab.ids_to_text(prompt_ids, joiner)
                 response = vocab.ids_to_text(response_ids, joiner)
+                check_no_control_token(prompt + "\n" + response, file, row, joiner)
                 record = {"text": format_chat(prompt, response, system), "format": "chat",
                           "prompt": prompt, "response": response}
                 if system:
@@ -217,4 +220,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, unwind_on_sigterm=True)

@@ -15,7 +15,8 @@ Features and their trade-offs:
     The pool is forked once the raw tokenizer is loaded; transformers' load_tokenizer (slow to import), which
     validates the tokenizer and gives its fingerprint, runs while the workers tokenize the first chunks.
   * Atomic: everything is written into a temporary sibling of OUT that replaces OUT only on success, so a rerun
-    never mixes old and new shards and a failure leaves the old OUT (or nothing) behind.
+    never mixes old and new shards and a failure or interruption leaves the old OUT (or nothing) behind. OUT must
+    be new, empty or an earlier output of this stage, and hold no input (qlora.atomic.check_output_dir).
 """
 from __future__ import annotations
 
@@ -23,16 +24,18 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
+import signal
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from qlora.atomic import atomic_dir, write_json_atomic
+from qlora.atomic import atomic_dir, check_output_dir, output_errors, write_json_atomic
 from qlora.errors import UserError, run_main
 from qlora.packing import (DEFAULT_LONG_POLICY, FORMATS, LONG_POLICIES, Packer, PackStats, parse_jsonl_lines,
                            tokenize_documents)
-from qlora.llama3 import BOS, BOS_ID, EOT, EOT_ID, PAD_ID, load_tokenizer, tokenizer_fingerprint
+from qlora.llama3 import BOS, BOS_ID, EOT, EOT_ID, MAX_CONTEXT, PAD_ID, load_tokenizer, tokenizer_fingerprint
 from qlora.shards import COMPRESSION, METADATA_FILE, ROW_GROUP_ROWS, ShardWriter
 
 # defaults (visible here, overridable by flags)
@@ -40,6 +43,9 @@ MAX_LEN = 8192
 ROWS_PER_SHARD = 1024          # 1024 x 8192 tokens: ~8.4M tokens, some tens of MB per shard
 CHUNK_BYTES = 1 << 20          # JSONL bytes per tokenization task
 MAX_OPEN_ROWS = 256            # rows kept open for best fit (memory: 256 x max_len x 4 bytes)
+STAGE = "pretokenize"
+# what marks an earlier output: metadata.json's "stage", or (outputs written before it) its "created_by"
+OUTPUT_MARKER = {"stage": STAGE, "created_by": "pretokenize.py"}
 
 
 def parse_args(argv=None):
@@ -51,8 +57,9 @@ def parse_args(argv=None):
                     help="Llama-3 tokenizer: a model directory (e.g. Meta-Llama-3-8B) or a tokenizer.json file")
     ap.add_argument("--output-dir", required=True, metavar="OUT",
                     help="output directory; replaced as a whole on success (it must be empty, absent, or an "
-                         "earlier pretokenize.py output)")
-    ap.add_argument("--max-len", type=int, default=MAX_LEN, help=f"tokens per row (default {MAX_LEN})")
+                         "earlier pretokenize.py output, and hold no input)")
+    ap.add_argument("--max-len", type=int, default=MAX_LEN,
+                    help=f"tokens per row, 8 to {MAX_CONTEXT} (default {MAX_LEN})")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
                     help="tokenizer worker processes (default: all cores, here %(default)s); 1 = no pool")
     ap.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD,
@@ -74,6 +81,13 @@ def parse_args(argv=None):
 # Workers are forked after the parent has loaded the tokenizer: they inherit it instead of parsing the 9 MB
 # tokenizer.json again, and nothing but numpy/tokenizers is loaded in the parent at fork time.
 _TOKENIZER = None
+
+
+def _worker_signals():
+    # Ctrl-C reaches the whole process group: the parent alone unwinds (removing its temporary) and stops the pool.
+    # SIGTERM ends a worker at once, as by default (the fork inherited the parent's handler, which would unwind).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _tokenize_chunk(lines, path, first_line, train_on_prompt):
@@ -116,12 +130,16 @@ def tokenized_chunks(path: Path, pool, args, after_first_result=None):
             yield first_done(_tokenize_chunk(lines, str(path), first, args.train_on_prompt))
         return
     pending = deque()
-    for lines, first in read_line_chunks(path, args.chunk_bytes):
-        pending.append(pool.apply_async(_tokenize_chunk, (lines, str(path), first, args.train_on_prompt)))
-        if len(pending) >= 2 * args.num_proc:
-            yield first_done(pending.popleft().get())
-    while pending:
-        yield first_done(pending.popleft().get())
+    try:
+        for lines, first in read_line_chunks(path, args.chunk_bytes):
+            pending.append(pool.submit(_tokenize_chunk, lines, str(path), first, args.train_on_prompt))
+            if len(pending) >= 2 * args.num_proc:
+                yield first_done(pending.popleft().result())
+        while pending:
+            yield first_done(pending.popleft().result())
+    except BrokenProcessPool:
+        raise UserError(f"{path}: a tokenizer worker process was killed (out of memory? fewer --num-proc or a "
+                        f"smaller --chunk-bytes need less)") from None
 
 
 def pretokenize_split(path: Path, split_dir: Path, pool, args, long_policy, after_first_result=None):
@@ -150,22 +168,6 @@ def pretokenize_split(path: Path, split_dir: Path, pool, args, long_policy, afte
     info["input_tokens"] = n_tok
     info["seconds"] = round(time.time() - t0, 3)
     return info
-
-
-def check_output_dir(out: Path, inp: Path) -> None:
-    if out.resolve() == inp.resolve() or inp.resolve() in out.resolve().parents:
-        raise UserError(f"--output-dir {out}: must not be the input directory or inside it")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--output-dir {out}: exists and is not a directory")
-        if any(out.iterdir()):
-            try:
-                ours = json.loads((out / METADATA_FILE).read_text()).get("created_by") == "pretokenize.py"
-            except (OSError, ValueError, AttributeError):
-                ours = False
-            if not ours:
-                raise UserError(f"--output-dir {out}: exists, is not empty and is not a pretokenize.py output; "
-                                "refusing to replace it")
 
 
 def _read_json_or_none(path: Path):
@@ -200,15 +202,16 @@ def main(argv=None) -> int:
     files = {"train": inp / "train.jsonl", "validation": inp / "validation.jsonl"}
     if not files["train"].is_file():
         raise UserError(f"--input {inp}: {files['train']} is missing (run data_processing.py first)")
-    if args.max_len < 8:
-        raise UserError(f"--max-len {args.max_len}: must be at least 8")
+    if not 8 <= args.max_len <= MAX_CONTEXT:
+        raise UserError(f"--max-len {args.max_len}: must be at least 8 and at most {MAX_CONTEXT} (the longest "
+                        f"Llama-3 context)")
     if args.num_proc < 1:
         raise UserError(f"--num-proc {args.num_proc}: must be at least 1")
     if args.rows_per_shard < 1:
         raise UserError(f"--rows-per-shard {args.rows_per_shard}: must be at least 1")
     if args.chunk_bytes < 1:
         raise UserError(f"--chunk-bytes {args.chunk_bytes}: must be at least 1")
-    check_output_dir(out, inp)
+    check_output_dir(out, {"--input": inp, "--tokenizer": args.tokenizer}, stage=STAGE, marker=OUTPUT_MARKER)
 
     # The raw tokenizer the workers encode with, from the same tokenizer.json that load_tokenizer validates
     # (transformers is slow to import: load_tokenizer runs once the workers are busy, see tokenized_chunks).
@@ -229,11 +232,14 @@ def main(argv=None) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = None
     if args.num_proc > 1:
-        # fork: workers inherit _TOKENIZER (no second 9 MB parse); the parent has no threads yet
-        pool = multiprocessing.get_context("fork").Pool(args.num_proc)
+        # fork: workers inherit _TOKENIZER (no second 9 MB parse). Unlike multiprocessing.Pool, which waits forever
+        # for a worker that was killed (the OOM killer, scancel's SIGTERM), the executor then raises.
+        pool = ProcessPoolExecutor(args.num_proc, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_signals)
+        pool.submit(int).result()  # fork the workers now, while the parent has no other thread (tqdm's comes later)
     t0 = time.time()
     try:
-        with atomic_dir(out) as tmp:
+        with output_errors("--output-dir", out), atomic_dir(out) as tmp:
             splits = {}
             for split, path in files.items():
                 if path.is_file():
@@ -257,7 +263,7 @@ def main(argv=None) -> int:
             policy = args.long or (DEFAULT_LONG_POLICY[fmt] if fmt in DEFAULT_LONG_POLICY else "per-format")
             src_meta = inp / "metadata.json"
             meta = {
-                "created_by": "pretokenize.py",
+                "stage": STAGE,
                 "tokenizer": {"name": tokenizer_name(Path(args.tokenizer)), "path": str(Path(args.tokenizer).resolve()),
                               "sha256": loaded["sha256"]},
                 "max_len": args.max_len,
@@ -280,10 +286,10 @@ def main(argv=None) -> int:
             write_json_atomic(tmp / METADATA_FILE, meta)
     finally:
         if pool is not None:
-            pool.terminate()   # on success the workers are idle; on error nothing of theirs is wanted
+            pool.shutdown(wait=False, cancel_futures=True)  # on error nothing of theirs is wanted
     print(f"wrote {out}/ ({meta['format']}, {meta['seconds']:.1f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, unwind_on_sigterm=True)

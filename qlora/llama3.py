@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -49,6 +50,34 @@ def format_chat_prompt(prompt: str, system: str | None = None) -> str:
 
 def format_chat(prompt: str, response: str, system: str | None = None) -> str:
     return format_chat_prompt(prompt, system) + response + EOT
+
+
+# The longest context of any Llama-3 model (3.1 and later; Llama-3-8B has 8192): a row longer than the model's
+# context cannot be trained, and pretokenize.py's buffers grow with the row length.
+MAX_CONTEXT = 131072
+
+# Strings the tokenizer turns into control tokens wherever they stand in a text: user text holding one would
+# change the document's structure (an early end of turn, a second BOS).
+CONTROL_TOKEN_RE = re.compile(
+    r"<\|(begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
+    r"finetune_right_pad_id|reserved_special_token_\d+)\|>"
+)
+# Half of a UTF-16 surrogate pair on its own: what a JSON "\ud800" escape or an undecodable command-line byte
+# becomes in Python. It is not valid Unicode, so no tokenizer or UTF-8 file takes it.
+LONE_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_user_text(what: str, text: str) -> None:
+    """Raise a one-line UserError naming `what` (a flag) when `text` cannot go into a Llama-3 document as is."""
+    m = LONE_SURROGATE_RE.search(text)
+    if m:
+        shown = m.group(0).encode("utf-8", "backslashreplace").decode()
+        raise UserError(f"{what}: not valid Unicode at character {m.start()} (a lone surrogate {shown}, e.g. from "
+                        f"bytes that are not UTF-8)")
+    m = CONTROL_TOKEN_RE.search(text)
+    if m:
+        raise UserError(f"{what}: contains the Llama-3 control token {m.group(0)}, which would change the "
+                        f"document's structure")
 
 
 def bundled_tokenizer_json() -> str:

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import UserError
-from .llama3 import ASSISTANT_HEADER, BOS_ID, END_OF_TEXT_ID, EOT_ID, PAD_ID
+from .llama3 import ASSISTANT_HEADER, BOS_ID, END_OF_TEXT_ID, EOT_ID, LONE_SURROGATE_RE, PAD_ID
 
 FORMATS = ("plain", "chat")
 END_ID = {"plain": END_OF_TEXT_ID, "chat": EOT_ID}
@@ -71,6 +71,10 @@ def parse_jsonl_lines(lines: Sequence[bytes | str], path: str, first_line: int) 
             raise UserError(f"{path}:{line_no}: record has no \"text\" field (keys: {', '.join(sorted(rec)) or 'none'})")
         if not isinstance(text, str):
             raise UserError(f"{path}:{line_no}: \"text\" is a {type(text).__name__}, expected a string")
+        bad = None if text.isascii() else LONE_SURROGATE_RE.search(text)
+        if bad:  # a JSON escape such as "\ud800" alone: the tokenizer takes only valid Unicode
+            raise UserError(f"{path}:{line_no}: \"text\" is not valid Unicode (a lone surrogate at character "
+                            f"{bad.start()})")
         fmt = rec.get("format")
         if fmt is None:
             fmt = "chat" if ASSISTANT_HEADER in text else "plain"

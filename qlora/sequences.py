@@ -1,18 +1,20 @@
 """Readers for hand-vocabulary id sequences: one iterator over many files of mixed formats.
 
-`iter_sequences(files, ids_field)` yields Row(file, row, ids) with `row` the 0-based row index in its file
-(for .txt/.jsonl the 0-based line index, so blank lines keep the numbering) and `ids` a list of ints.
+`iter_sequences(files, ids_field)` yields Row(file, row, ids, padded) with `row` the 0-based row index in its file
+(for .txt/.jsonl the 0-based line index, so blank lines keep the numbering), `ids` a list of ints, and `padded`
+True for the rows of a rectangular array (2-D .npy/.npz/.pt, fixed-size parquet lists), which hold padding
+unless every sequence has the same length.
 
-  .txt      one sequence a line, whitespace-separated ints; blank lines yield an empty sequence   streamed
+  .txt      one sequence a line, whitespace-separated ids in ASCII digits; blank lines: empty   streamed
   .jsonl    one JSON object a line with the ids under `ids_field` (a bare JSON list is accepted)  streamed
   .parquet  a list<int> column named `ids_field`, read in record batches                          streamed
   .npy      2-D int array (padded) or 1-D object array of int arrays; 2-D is memory-mapped
   .npz      like .npy; the array named `ids_field`, or the only array in the archive              loaded whole
   .pt       tensor (2-D or 1-D), list of lists/tensors, or dict holding one under `ids_field`     loaded whole
 
-Every problem is a one-line UserError naming the file and row: missing or empty file, malformed line,
-non-integer value, missing field/column. Object arrays in .npy/.npz and .pt files are unpickled (the user's own
-data; .pt is read with torch's weights_only loader).
+Every problem is a one-line UserError naming the file and row: missing, unreadable, damaged or empty file,
+malformed line, non-integer value, missing field/column. Object arrays in .npy/.npz and .pt files are unpickled
+(the user's own data; .pt is read with torch's weights_only loader).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Row(NamedTuple):
     file: str
     row: int
     ids: list
+    padded: bool = False
 
 
 def where(file: str, row: int) -> str:
@@ -42,8 +45,10 @@ def where(file: str, row: int) -> str:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files for the --input arguments (globs expanded and sorted, duplicates dropped), each checked to exist."""
+    """Files for the --input arguments (globs expanded and sorted), each checked to exist. A file named twice, in
+    any spelling (a glob and ./file, a symlink), is read once, where it is first named."""
     files: list[str] = []
+    seen: set[tuple[int, int]] = set()
     for pat in patterns:
         if glob.has_magic(pat):
             matches = sorted(m for m in glob.glob(pat, recursive=True) if os.path.isfile(m))
@@ -58,7 +63,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         for m in matches:
             if Path(m).suffix.lower() not in SUFFIXES:
                 raise UserError(f"--input {m}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
-            if m not in files:
+            st = os.stat(m)
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 files.append(m)
     return files
 
@@ -98,14 +105,15 @@ def _check_ids(file: str, row: int, values) -> list[int]:
 def _read_txt(file: str) -> Iterator[Row]:
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f):
-            try:
-                yield Row(file, n, [int(x) for x in line.split()])
-            except ValueError:
-                for pos, x in enumerate(line.split()):
-                    try:
-                        int(x)
-                    except ValueError:
-                        raise UserError(f"{where(file, n)}, position {pos}: {x!r} is not an integer id") from None
+            values = line.split()
+            digits = "".join(values)
+            # ASCII digits only: int() would also take '١٢' (Arabic-Indic digits) or '1_000'
+            if digits.isascii() and digits.isdigit() or not values:
+                yield Row(file, n, [int(x) for x in values])
+                continue
+            pos, x = next((pos, x) for pos, x in enumerate(values) if not (x.isascii() and x.isdigit()))
+            raise UserError(f"{where(file, n)}, position {pos}: {x!r} is not an integer id (ids are written in "
+                            f"the digits 0-9)")
 
 
 def _read_jsonl(file: str, ids_field: str) -> Iterator[Row]:
@@ -153,6 +161,7 @@ def _read_parquet(file: str, ids_field: str, batch_rows: int = 256) -> Iterator[
     is_list = pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
     if not is_list or not (pa.types.is_integer(typ.value_type) or pa.types.is_floating(typ.value_type)):
         raise UserError(f"{file}: column {ids_field!r} has type {typ}, expected list<int>")
+    padded = pa.types.is_fixed_size_list(typ)
     row = 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[ids_field]):
         col = batch.column(0)
@@ -176,7 +185,7 @@ def _read_parquet(file: str, ids_field: str, batch_rows: int = 256) -> Iterator[
         else:
             flat = values.to_numpy()
         for i in range(len(col)):
-            yield Row(file, row, flat[offsets[i]:offsets[i + 1]].tolist())
+            yield Row(file, row, flat[offsets[i]:offsets[i + 1]].tolist(), padded)
             row += 1
 
 
@@ -189,6 +198,7 @@ def _rows_of_array(file: str, arr) -> Iterator[Row]:
         for n, seq in enumerate(arr):
             yield Row(file, n, _ids_from_any(file, n, seq))
         return
+    padded = arr.ndim == 2
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
@@ -198,7 +208,7 @@ def _rows_of_array(file: str, arr) -> Iterator[Row]:
     integral = np.issubdtype(arr.dtype, np.integer)
     for n in range(arr.shape[0]):
         values = arr[n].tolist()
-        yield Row(file, n, values if integral else _check_ids(file, n, values))
+        yield Row(file, n, values if integral else _check_ids(file, n, values), padded)
 
 
 def _ids_from_any(file: str, n: int, seq) -> list[int]:
@@ -233,11 +243,16 @@ def _load_npz(file: str, ids_field: str):
     except Exception as e:
         raise UserError(f"{file}: not a readable .npz file ({str(e).splitlines()[0]})") from None
     if ids_field in keys:
-        return archive[ids_field]
-    if len(keys) == 1:
-        return archive[keys[0]]
-    raise UserError(f"{file}: no array {ids_field!r} (arrays: {', '.join(keys) or 'none'}); "
-                    f"choose it with --ids-field")
+        key = ids_field
+    elif len(keys) == 1:
+        key = keys[0]
+    else:
+        raise UserError(f"{file}: no array {ids_field!r} (arrays: {', '.join(keys) or 'none'}); "
+                        f"choose it with --ids-field")
+    try:  # members are read (and their checksums checked) only now
+        return archive[key]
+    except Exception as e:
+        raise UserError(f"{file}: array {key!r} is damaged ({str(e).splitlines()[0]})") from None
 
 
 def _read_pt(file: str, ids_field: str) -> Iterator[Row]:
@@ -255,12 +270,13 @@ def _read_pt(file: str, ids_field: str) -> Iterator[Row]:
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() or obj.is_complex() or obj.dtype == torch.bool:
             raise UserError(f"{file}: tensor of dtype {obj.dtype}, expected integer ids")
+        padded = obj.dim() == 2
         if obj.dim() == 1:
             obj = obj[None, :]
         if obj.dim() != 2:
             raise UserError(f"{file}: tensor of shape {tuple(obj.shape)}, expected 2-D or 1-D")
         for n in range(obj.shape[0]):
-            yield Row(file, n, obj[n].tolist())
+            yield Row(file, n, obj[n].tolist(), padded)
         return
     if not isinstance(obj, (list, tuple)):
         raise UserError(f"{file}: holds a {type(obj).__name__}, expected a tensor or a list of id lists")
@@ -296,6 +312,8 @@ def iter_file(file: str, ids_field: str = "input_ids") -> Iterator[Row]:
             yield r
     except UnicodeDecodeError as e:
         raise UserError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{file}: cannot read ({e.strerror or e})") from None
     if not nonempty:
         raise UserError(f"{file}: empty file (no sequences)")
 

@@ -1,7 +1,8 @@
 """Parquet shards of packed rows (contract 3): the schema, a streaming writer, and metadata.json read/validate.
 
 pretokenize.py writes with ShardWriter; finetune.py reads with read_shard_metadata(out_dir), which checks
-metadata.json and every shard's schema and row-group sizes from the parquet footers (no data is read).
+metadata.json and every shard's footer with open_shard, the one validation of a shard (schema, row-group sizes;
+no data is read). A reader that opens the shards again should use open_shard too.
 """
 from __future__ import annotations
 
@@ -90,6 +91,23 @@ class ShardWriter:
         return self.shards
 
 
+def open_shard(path: str | Path) -> pq.ParquetFile:
+    """A shard's ParquetFile, after checking its footer against contract 3 (one-line UserError otherwise)."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a missing or corrupt file
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if not pf.schema_arrow.equals(SCHEMA):
+        found = ", ".join(f"{f.name} {f.type}" for f in pf.schema_arrow)
+        raise UserError(f"{path}: columns {found}, expected input_ids, labels, doc_lens as list<int32>")
+    md = pf.metadata
+    for g in range(md.num_row_groups):
+        if md.row_group(g).num_rows > ROW_GROUP_ROWS:
+            raise UserError(f"{path}: row group {g} has {md.row_group(g).num_rows} rows (> {ROW_GROUP_ROWS})")
+    return pf
+
+
 def read_shard_metadata(out_dir: str | Path, *, tokenizer_sha256: str | None = None,
                         max_len: int | None = None) -> dict:
     """Load OUT/metadata.json and check it against the shards' parquet footers; one-line UserError otherwise.
@@ -125,17 +143,7 @@ def read_shard_metadata(out_dir: str | Path, *, tokenizer_sha256: str | None = N
             p = out / rel
             if not p.is_file():
                 raise UserError(f"{p}: shard listed in {meta_path} is missing")
-            try:
-                pf = pq.ParquetFile(p)
-            except Exception as e:  # pyarrow raises several types for a corrupt file
-                raise UserError(f"{p}: not a readable parquet file ({e})") from None
-            if not pf.schema_arrow.equals(SCHEMA):
-                raise UserError(f"{p}: schema {pf.schema_arrow} is not input_ids/labels/doc_lens list<int32>")
-            md = pf.metadata
-            for g in range(md.num_row_groups):
-                if md.row_group(g).num_rows > ROW_GROUP_ROWS:
-                    raise UserError(f"{p}: row group {g} has {md.row_group(g).num_rows} rows (> {ROW_GROUP_ROWS})")
-            rows += md.num_rows
+            rows += open_shard(p).metadata.num_rows
             paths.append(str(p.resolve()))
         if rows != info.get("rows"):
             raise UserError(f"{meta_path}: split {split!r} lists {info.get('rows')} rows, its shards hold {rows}")

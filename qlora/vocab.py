@@ -1,20 +1,22 @@
 """The researcher's hand-written vocabulary: loading every supported file format, specials, and ids <-> text.
 
-Formats (.json is JSON; .txt/.tsv/.vocab are text lines; any other extension is JSON if it parses as such):
+Formats, told apart by content (a file whose whole text parses as a JSON object or list is JSON, whatever its name,
+as `json.dump(tokens, open("v.txt", "w"), indent=0)` writes it; a .json file must be JSON; anything else is text
+lines, so a text vocabulary may start with "[PAD]"):
   * JSON object token -> id      {"<pad>": 0, "C4": 4, ...}
   * JSON object id -> token      {"0": "<pad>", "4": "C4", ...}
   * JSON list (index = id)       ["<pad>", "<s>", ...]
   * text, one token per line     (line 1 = id 0; every line counts, so an empty line is an error)
   * text, `token<TAB>id` lines   (used as soon as the first line has a TAB)
 
-Errors name the file and line (duplicate token or id, non-integer id, empty token). The JSON walker below
-exists because `json.load` silently keeps the last of two duplicate keys and forgets line numbers.
+Errors name the file and line (duplicate token or id, non-integer id or one of 2**63 or more, empty token, a
+token that is not valid Unicode). The JSON walker below exists because `json.load` silently keeps the last of two
+duplicate keys and forgets line numbers.
 
 Text is the vocabulary's token strings joined by a joiner (default one space); `text_to_ids` is its inverse.
-For that inverse to be exact no text token may contain the joiner (with a whitespace joiner: no whitespace
-at all, because text is split on whitespace runs to tolerate a model's spacing), and no token may contain a
-Llama-3 special-token string (pretokenize.py would encode it as a control token). Both are checked by
-`check_text_safe(joiner)`, which the conversions call.
+`check_text_safe(joiner)`, which the conversions call, refuses every vocabulary and joiner for which that inverse
+would not be exact (see there), and Llama-3 control-token strings in a token or the joiner (pretokenize.py would
+encode them as control tokens).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .llama3 import CONTROL_TOKEN_RE, LONE_SURROGATE_RE, check_user_text
 
 ROLES = ("pad", "bos", "eos", "sep", "unk")
 
@@ -63,11 +66,8 @@ def special_token_flags(args: argparse.Namespace) -> dict[str, str | None]:
     return {role: getattr(args, f"{role}_token") for role in ROLES}
 
 
-# Strings the Llama-3 tokenizer turns into control tokens; a hand token containing one would corrupt the text.
-_LLAMA3_SPECIAL_RE = re.compile(
-    r"<\|(begin_of_text|end_of_text|start_header_id|end_header_id|eot_id|eom_id|python_tag|"
-    r"finetune_right_pad_id|reserved_special_token_\d+)\|>"
-)
+# ids are 64-bit integers wherever they are stored (numpy, torch, the split hash of data_processing.py)
+MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -122,16 +122,23 @@ class HandVocab:
                                    _safe_joiners=set())
 
     def check_text_safe(self, joiner: str = " ") -> None:
-        """Raise UserError unless ids -> text -> ids is exact with this joiner for every text token.
+        """Raise a one-line UserError unless ids -> text -> ids is exact with this joiner for every text token.
 
-        pad/bos/eos never reach the text (they are stripped), so they are exempt.
+        text_to_ids splits a whitespace joiner's text at whitespace runs (to tolerate a model's spacing), so no
+        token may hold whitespace; any other joiner's text at the leftmost occurrence of the joiner. That finds the
+        joiner ids_to_text put after a token t unless t holds the joiner, or t ends with the first k characters of
+        a joiner that repeats itself after k characters ("xa" + "aa" holds "aa" one character early, and reads
+        back as "x", "a..."); those are all the ways it can fail. pad/bos/eos never reach the text (they are
+        stripped), so they are exempt.
         """
         if joiner in self._safe_joiners:
             return
         if joiner == "":
             raise UserError("--joiner must not be empty: text could not be split back into hand tokens")
+        check_user_text(f"--joiner {joiner!r}", joiner)
         exempt = {self.specials.pad, self.specials.bos, self.specials.eos}
         whitespace = joiner.isspace()
+        early = [] if whitespace else [k for k in range(1, len(joiner)) if joiner[k:] == joiner[:-k]]
         for i, tok in self.id_to_token.items():
             if i in exempt:
                 continue
@@ -139,7 +146,13 @@ class HandVocab:
                 what = "whitespace" if whitespace else f"the joiner {joiner!r}"
                 raise UserError(f"{self.path}:{self.line_of.get(i, '?')}: token {tok!r} (id {i}) contains {what}, "
                                 f"so text could not be split back into ids; choose another --joiner")
-            m = _LLAMA3_SPECIAL_RE.search(tok)
+            for k in early:
+                if tok.endswith(joiner[:k]):
+                    raise UserError(f"{self.path}:{self.line_of.get(i, '?')}: token {tok!r} (id {i}) ends with "
+                                    f"{joiner[:k]!r}, so in {tok + joiner!r} the joiner {joiner!r} is found {k} "
+                                    f"character{'s' if k > 1 else ''} early and text would not read back as the same "
+                                    f"ids; choose another --joiner")
+            m = CONTROL_TOKEN_RE.search(tok)
             if m:
                 raise UserError(f"{self.path}:{self.line_of.get(i, '?')}: token {tok!r} (id {i}) contains the "
                                 f"Llama-3 control token {m.group(0)}; rename it in the vocabulary")
@@ -195,10 +208,19 @@ class HandVocab:
 
         response is None when the sequence has no separator (or keep_sep: the separator stays a text token).
         A separator that ends a sequence which already has one (BERT's `[CLS] a [SEP] b [SEP]`) is an end
-        marker and dropped. Raises SequenceError(position) for any further separator.
+        marker and dropped. Raises SequenceError(position) for any further separator, and for a token after
+        the end-of-sequence token other than pad or eos: padding whose token is not known as pad (or two
+        sequences in one row), which would otherwise end up in the text.
         """
         s = self.specials
         drop = {i for i in (s.pad, s.bos, s.eos) if i is not None}
+        if s.eos is not None and s.eos in ids:
+            end = ids.index(s.eos)
+            after = [pos for pos, i in enumerate(ids[end + 1:], end + 1) if i != s.eos and i != s.pad]
+            if after:
+                tok, eos = self.id_to_token[ids[after[0]]], self.id_to_token[s.eos]
+                raise SequenceError(after[0], f"{tok!r} after the end-of-sequence token {eos!r} (at position {end}); "
+                                              f"if it pads the row, name it with --pad-token {tok}")
         if s.sep is None or keep_sep:
             return [i for i in ids if i not in drop], None
         kept = [i for i in ids if i not in drop] if drop.intersection(ids) else list(ids)
@@ -267,11 +289,13 @@ def _as_id(path: str, line: int, value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise UserError(f"{path}:{line}: {what} {value!r} is not an integer id")
     if isinstance(value, str):
-        if not re.fullmatch(r"\s*\d+\s*", value):
+        if not re.fullmatch(r"\s*[0-9]+\s*", value):  # ASCII digits: int() would also take '١٢' and '1_0'
             raise UserError(f"{path}:{line}: {what} {value!r} is not an integer id")
         value = int(value)
     if value < 0:
         raise UserError(f"{path}:{line}: {what} {value} is negative; ids must be >= 0")
+    if value > MAX_ID:
+        raise UserError(f"{path}:{line}: {what} {value} is too large; ids must be < 2**63")
     return value
 
 
@@ -365,7 +389,10 @@ def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | N
         raise UserError(f"--vocab {name}: no such file")
     if p.is_dir():
         raise UserError(f"--vocab {name}: is a directory, expected a vocabulary file")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"--vocab {name}: cannot read ({e.strerror})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -373,10 +400,9 @@ def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | N
         raise UserError(f"{name}:{line}: not UTF-8 text") from None
     if not text.strip():
         raise UserError(f"{name}: empty vocabulary file")
-    suffix = p.suffix.lower()
-    looks_json = suffix == ".json"
-    if suffix not in (".json", ".txt", ".tsv", ".vocab") and text.lstrip()[:1] in ("{", "["):
-        try:  # an unknown extension: JSON if it parses as such (a text vocab may start with "[PAD]")
+    looks_json = p.suffix.lower() == ".json"
+    if not looks_json and text.lstrip()[:1] in ("{", "["):
+        try:  # a text vocabulary may start with "[PAD]": JSON only if the whole text parses as such
             looks_json = isinstance(json.loads(text), (dict, list))
         except ValueError:
             looks_json = False
@@ -390,6 +416,10 @@ def load_hand_vocab(path: str | os.PathLike, specials: dict[str, str | None] | N
     for line, tok, i in entries:
         if tok == "" or tok.isspace():
             raise UserError(f"{name}:{line}: empty token (id {i})")
+        bad = LONE_SURROGATE_RE.search(tok)
+        if bad:  # only a JSON escape such as "\ud800" makes one; no UTF-8 output could hold it
+            raise UserError(f"{name}:{line}: token {tok!r} (id {i}) is not valid Unicode (a lone surrogate at "
+                            f"character {bad.start()})")
         if tok in token_to_id:
             raise UserError(f"{name}:{line}: duplicate token {tok!r} (first at line {line_of[token_to_id[tok]]})")
         if i in id_to_token:

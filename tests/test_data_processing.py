@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_processing
-from qlora.errors import UserError
+from qlora.errors import UserError, run_main
 from qlora.llama3 import (BOS_ID, END_HEADER_ID, END_OF_TEXT_ID, EOT_ID, START_HEADER_ID, bundled_tokenizer_json,
                           format_chat, format_plain, load_tokenizer)
 from qlora.vocab import load_hand_vocab
@@ -315,3 +315,128 @@ def test_sample_generator_is_deterministic_and_matches_the_committed_files(tmp_p
     assert len(recs) == 50
     assert all(r["response"].split() == r["prompt"].split()[::-1] and 1 <= len(r["prompt"].split()) <= 3
                for r in recs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Silently wrong before (exit 0 with wrong text), and the last tracebacks: now right, or one line with exit status 2.
+
+def fails(capsys, *args) -> str:
+    """data_processing's main as its __main__ runs it: exit status 2 and ONE line on stderr; returns the message."""
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: data_processing.main([str(a) for a in args]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0].split(": error: ", 1)[1]
+
+
+PAD_VOCAB = ["[pad]", "<s>", "</s>", "<sep>", "a", "b"]  # "[pad]" is no common spelling of pad
+
+
+def test_padding_without_a_known_pad_token_is_refused(tmp_path, capsys):
+    (tmp_path / "v.json").write_text(json.dumps(PAD_VOCAB))
+    np.save(tmp_path / "rows.npy", np.array([[1, 4, 3, 5, 2, 0, 0], [1, 4, 4, 3, 5, 5, 2]]))
+    base = ["--vocab", tmp_path / "v.json", "--val-fraction", "0"]
+    msg = fails(capsys, *base, "--input", tmp_path / "rows.npy", "--output-dir", tmp_path / "o1")
+    assert msg == (f"{tmp_path}/rows.npy: a 2-D array, so its rows are padded to one length, but no token of "
+                   f"{tmp_path}/v.json is known as pad; name it with --pad-token T (or pass --pad-token '' if no row "
+                   f"is padded)")
+    # the same padded rows as JSON lists: the token after the end of the sequence gives it away
+    (tmp_path / "rows.jsonl").write_text('{"input_ids": [1, 4, 3, 5, 2, 0, 0]}\n')
+    msg = fails(capsys, *base, "--input", tmp_path / "rows.jsonl", "--output-dir", tmp_path / "o2")
+    assert msg == (f"{tmp_path}/rows.jsonl line 1, position 5: '[pad]' after the end-of-sequence token '</s>' (at "
+                   f"position 4); if it pads the row, name it with --pad-token [pad]")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    out = run(*base, "--input", tmp_path / "rows.npy", "--output-dir", tmp_path / "o3", "--pad-token", "[pad]")
+    assert [(r["prompt"], r["response"]) for r in records(out)[0]] == [("a", "b"), ("a a", "b b")]
+    np.save(tmp_path / "full.npy", np.array([[1, 4, 3, 5, 2], [1, 5, 3, 4, 2]]))
+    out = run(*base, "--input", tmp_path / "full.npy", "--output-dir", tmp_path / "o4", "--pad-token", "")
+    assert [(r["prompt"], r["response"]) for r in records(out)[0]] == [("a", "b"), ("b", "a")]
+
+
+def test_json_list_vocabulary_in_a_txt_file_gives_the_same_records(sample_out, tmp_path):
+    tokens = [t for t, _ in sorted(json.loads(Path(VOCAB).read_text()).items(), key=lambda kv: kv[1])]
+    for name in ("vocab.txt", "vocab.vocab"):
+        with open(tmp_path / name, "w") as f:
+            json.dump(tokens, f, indent=0)
+        out = run("--vocab", tmp_path / name, "--input", SAMPLE / "sequences.npy", "--output-dir", tmp_path / name[6:])
+        assert records(out) == records(sample_out)
+        assert json.loads((out / "metadata.json").read_text())["vocab"]["sha256"] == load_hand_vocab(VOCAB).sha256
+
+
+def test_control_strings_and_overlapping_joiners_are_refused(tmp_path, capsys):
+    good = ["--vocab", VOCAB, "--input", SAMPLE / "sequences.jsonl", "--output-dir", tmp_path / "out"]
+    assert fails(capsys, *good, "--system-prompt", "Be brief.<|eot_id|>") == \
+        "--system-prompt: contains the Llama-3 control token <|eot_id|>, which would change the document's structure"
+    assert fails(capsys, *good, "--joiner", "<|begin_of_text|>").startswith(
+        "--joiner '<|begin_of_text|>': contains the Llama-3 control token <|begin_of_text|>")
+    (tmp_path / "split.json").write_text(json.dumps(["<pad>", "</s>", "<|eot", "id|>", "x"]))
+    (tmp_path / "split.jsonl").write_text('{"input_ids": [4, 4, 1]}\n{"input_ids": [4, 2, 3, 1]}\n')
+    split = ["--vocab", tmp_path / "split.json", "--input", tmp_path / "split.jsonl", "--output-dir", tmp_path / "out"]
+    assert fails(capsys, *split, "--joiner", "_") == (f"{tmp_path}/split.jsonl line 2: its tokens joined by --joiner "
+                                                      f"'_' form the Llama-3 control token <|eot_id|>; choose another "
+                                                      f"--joiner")
+    assert run(*split[:-1], tmp_path / "spaced")  # control: with spaces they stay apart
+    (tmp_path / "edge.json").write_text(json.dumps(["<pad>", "</s>", "xa", "y"]))
+    (tmp_path / "edge.jsonl").write_text('{"input_ids": [2, 3, 1]}\n')
+    assert fails(capsys, "--vocab", tmp_path / "edge.json", "--input", tmp_path / "edge.jsonl", "--joiner", "aa",
+                 "--output-dir", tmp_path / "out").startswith(f"{tmp_path}/edge.json:1: token 'xa' (id 2) ends with "
+                                                              f"'a', so in 'xaaa' the joiner 'aa' is found 1 character "
+                                                              f"early")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_named_twice_is_read_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(SAMPLE / "sequences.jsonl", "seq.jsonl")
+    out = run("--vocab", VOCAB, "--input", "*.jsonl", "./seq.jsonl", "--output-dir", "out")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["counts"]["rows_read"] == 3050 and meta["inputs"] == [{"path": "seq.jsonl", "rows": 3050}]
+
+
+def last_traceback_cases(d: Path) -> dict:
+    """Each of these ended in a Python traceback before."""
+    (d / "huge.json").write_text('{"<pad>": 0, "</s>": 1, "a": 2, "b": 9223372036854775808}')
+    (d / "huge.jsonl").write_text('{"input_ids": [2, 9223372036854775808, 1]}\n')
+    (d / "surrogate.json").write_text('{"<pad>": 0, "</s>": 1, "a": 2, "b\\udc80": 3}')
+    (d / "ab.jsonl").write_text('{"input_ids": [2, 3, 1]}\n')
+    np.savez(d / "ok.npz", input_ids=np.tile(np.array(json.loads((SAMPLE / "sequences.jsonl").read_text()
+                                                                 .splitlines()[0])["input_ids"]), (20, 1)))
+    raw = bytearray((d / "ok.npz").read_bytes())
+    raw[200:240] = b"x" * 40
+    (d / "damaged.npz").write_bytes(raw)
+    (d / "afile").write_text("x")
+    (d / "arabic.txt").write_text("1 4 3 \u0665 2\n")
+    seqs = ["--input", SAMPLE / "sequences.jsonl"]
+    return {
+        "id >= 2**63": (["--vocab", d / "huge.json", "--input", d / "huge.jsonl"],
+                        f"{d}/huge.json:1: id of token 'b': 9223372036854775808 is too large; ids must be < 2**63"),
+        "surrogate in a token": (["--vocab", d / "surrogate.json", "--input", d / "ab.jsonl"],
+                                 f"{d}/surrogate.json:1: token 'b\\udc80' (id 3) is not valid Unicode (a lone "
+                                 f"surrogate at character 1)"),
+        "surrogate in --system-prompt": (["--vocab", VOCAB, *seqs, "--system-prompt", "caf\udce9"],
+                                         "--system-prompt: not valid Unicode at character 3 (a lone surrogate "
+                                         "\\udce9, e.g. from bytes that are not UTF-8)"),
+        "surrogate in --joiner": (["--vocab", VOCAB, *seqs, "--joiner", "\udce9"],
+                                  "--joiner '\\udce9': not valid Unicode at character 0 (a lone surrogate "
+                                  "\\udce9, e.g. from bytes that are not UTF-8)"),
+        "damaged npz member": (["--vocab", VOCAB, "--input", d / "damaged.npz"],
+                               f"{d}/damaged.npz: array 'input_ids' is damaged (Bad CRC-32 for file 'input_ids.npy')"),
+        "output under a file": (["--vocab", VOCAB, *seqs, "--output-dir", d / "afile" / "out"],
+                                f"--output-dir {d}/afile/out: cannot be created, {d}/afile is a file"),
+        "output is a file": (["--vocab", VOCAB, *seqs, "--output-dir", d / "afile"],
+                             f"--output-dir {d}/afile: exists and is not a directory"),
+        "non-ASCII digit": (["--vocab", VOCAB, "--input", d / "arabic.txt"],
+                            f"{d}/arabic.txt line 1, position 3: '٥' is not an integer id (ids are written in the "
+                            f"digits 0-9)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["id >= 2**63", "surrogate in a token", "surrogate in --system-prompt",
+                                  "surrogate in --joiner", "damaged npz member", "output under a file",
+                                  "output is a file", "non-ASCII digit"])
+def test_last_tracebacks_are_one_line(tmp_path, capsys, case):
+    args, expected = last_traceback_cases(tmp_path)[case]
+    if "--output-dir" not in args:
+        args += ["--output-dir", tmp_path / "out"]
+    assert fails(capsys, *args) == expected
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

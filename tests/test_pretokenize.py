@@ -4,6 +4,7 @@ and the real data_processing.py output of examples/sample."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,49 @@ def test_sample_data_through_data_processing(tmp_path, llama3_tokenizer_json):
     texts = [json.loads(line)["text"] for line in open(tmp_path / "jsonl" / "train.jsonl")]
     assert sorted(tok.decode(ids, skip_special_tokens=False) for ids, _ in documents(rows)) == sorted(texts)
     assert meta["splits"]["train"]["documents"] == len(texts)
+
+
+def fails(capsys, *args) -> str:
+    """pretokenize's main as its __main__ runs it: exit status 2 and ONE line on stderr; returns the message."""
+    import pretokenize
+    from qlora.errors import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: pretokenize.main([str(a) for a in args] + ["--num-proc", "1"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0].split(": error: ", 1)[1]
+
+
+@pytest.mark.parametrize("max_len", [10**12, 2**31, 131073, 7, -1])
+def test_absurd_max_len_is_one_line(tmp_path, capsys, llama3_tokenizer_json, max_len):
+    """10**12 asked numpy for 3.7 TB (a traceback), 3e9 was killed by the kernel, leaving its temporary."""
+    write_jsonl(tmp_path / "in" / "train.jsonl", plain_records(3, 0))
+    assert fails(capsys, "--input", tmp_path / "in", "--tokenizer", llama3_tokenizer_json, "--output-dir",
+                 tmp_path / "out", "--max-len", max_len) == \
+        f"--max-len {max_len}: must be at least 8 and at most 131072 (the longest Llama-3 context)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_lone_surrogate_in_jsonl_text_is_one_line(tmp_path, capsys, llama3_tokenizer_json):
+    write_jsonl(tmp_path / "in" / "train.jsonl", plain_records(3, 0))
+    with open(tmp_path / "in" / "train.jsonl", "a") as f:
+        f.write('{"text": "<|begin_of_text|>caf\\udce9<|end_of_text|>"}\n')  # json.dumps would write it like this
+    assert fails(capsys, "--input", tmp_path / "in", "--tokenizer", llama3_tokenizer_json, "--output-dir",
+                 tmp_path / "out") == \
+        f'{tmp_path}/in/train.jsonl:4: "text" is not valid Unicode (a lone surrogate at character 20)'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.slow
+def test_outputs_are_readable_as_the_umask_allows(plain_dir, tmp_path, llama3_tokenizer_json):
+    """metadata.json went through mkstemp: 0600 whatever the umask, unreadable for the group sharing the data."""
+    old = os.umask(0o002)
+    try:
+        run_inproc("--input", plain_dir, "--tokenizer", llama3_tokenizer_json, "--output-dir", tmp_path / "out",
+                   "--max-len", 512)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+    assert modes["out/metadata.json"] == 0o664 and modes["out/train"] == 0o775
+    assert set(modes.values()) == {0o664, 0o775}, modes

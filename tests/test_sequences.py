@@ -86,6 +86,43 @@ def test_globs_are_sorted_and_deduplicated(tmp_path):
     assert [f.rsplit("/", 1)[1] for f in files] == ["a.txt", "b.txt", "c.jsonl"]
 
 
+def test_one_file_named_twice_is_read_once(tmp_path, monkeypatch):
+    """A glob and ./file, a path with '..', a symlink: one file, read once, under the name it was first given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("1 2\n")
+    (tmp_path / "b.txt").write_text("3\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    files = expand_inputs(["*.txt", "./a.txt", "sub/../a.txt", str(tmp_path / "a.txt"), "link.txt"])
+    assert files == ["a.txt", "b.txt"]
+    assert [r.ids for r in iter_sequences(files)] == [[1, 2], [3]]
+    (tmp_path / "c.txt").write_text("1 2\n")  # control: same content, another file
+    assert expand_inputs(["a.txt", "c.txt"]) == ["a.txt", "c.txt"]
+
+
+def test_rows_of_rectangular_arrays_are_marked_padded(tmp_path):
+    files = write_all_formats(tmp_path)
+    np.save(tmp_path / "one.npy", np.array([1, 4, 5]))
+    torch.save(torch.tensor([1, 4, 5]), tmp_path / "one.pt")
+    pq.write_table(pa.table({"input_ids": pa.array([[1, 2], [3, 0]], pa.list_(pa.int64(), 2))}),
+                   tmp_path / "fixed.parquet")
+    padded_files = {"padded.npy", "single.npz", "tensor.pt", "fixed.parquet"}
+    for name in [*files, "one.npy", "one.pt", "fixed.parquet"]:
+        rows = list(iter_file(str(tmp_path / name)))
+        assert {r.padded for r in rows} == {name in padded_files}, name
+
+
+def test_damaged_npz_member_is_one_line(tmp_path):
+    np.savez(tmp_path / "ok.npz", input_ids=np.arange(200).reshape(20, 10))
+    raw = bytearray((tmp_path / "ok.npz").read_bytes())
+    raw[200:240] = b"x" * 40  # inside the member's data: the archive opens, reading the array fails its CRC
+    (tmp_path / "bad.npz").write_bytes(raw)
+    assert len(list(iter_file(str(tmp_path / "ok.npz")))) == 20
+    with pytest.raises(UserError, match=r"bad\.npz: array 'input_ids' is damaged \(Bad CRC-32") as e:
+        list(iter_file(str(tmp_path / "bad.npz")))
+    assert "\n" not in str(e.value)
+
+
 def test_blank_lines_keep_line_numbers(tmp_path):
     (tmp_path / "s.txt").write_text("1 2\n\n3\n")
     assert [(r.row, r.ids) for r in iter_file(str(tmp_path / "s.txt"))] == [(0, [1, 2]), (1, []), (2, [3])]
@@ -156,6 +193,11 @@ def test_parquet_reader_memory_does_not_grow_with_the_file(tmp_path):
     ("notlist.jsonl", '{"input_ids": 5}\n', r"notlist\.jsonl line 1: field 'input_ids' is int"),
     ("word.txt", "1 2\n3 x 4\n", r"word\.txt line 2, position 1: 'x' is not an integer id"),
     ("float.txt", "1 2.0\n", r"float\.txt line 1, position 1: '2\.0' is not an integer id"),
+    # int() takes all of these; ids are ASCII digits
+    ("arabic.txt", "1 2\n3 \u0661\u0662\n", r"arabic\.txt line 2, position 1: '١٢' is not an integer id"),
+    ("underscore.txt", "1 1_000\n", r"underscore\.txt line 1, position 1: '1_000' is not an integer id"),
+    ("plus.txt", "+1 2\n", r"plus\.txt line 1, position 0: '\+1' is not an integer id"),
+    ("superscript.txt", "1 \u00b2\n", r"superscript\.txt line 1, position 1: '²' is not an integer id"),
 ])
 def test_bad_line_files(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)

@@ -192,3 +192,112 @@ def test_text_vocab_starting_with_a_bracket_is_not_json(tmp_path):
         v = load_hand_vocab(write(tmp_path, name, "[PAD]\n[SEP]\na\n"))
         assert v.token_to_id == {"[PAD]": 0, "[SEP]": 1, "a": 2}, name
     assert load_hand_vocab(write(tmp_path, "v.lst", '["a", "b"]')).token_to_id == {"a": 0, "b": 1}
+
+
+@pytest.mark.parametrize("name", ["v.txt", "v.vocab", "v.tsv", "v"])
+def test_json_written_to_any_name_is_read_as_json(tmp_path, name):
+    """json.dump(list, f, indent=0) puts one token a line between "[" and "]": read as text lines, every id would
+    be shifted by one (the "[" line is id 0). The control, text lines that start with a bracket, is
+    test_text_vocab_starting_with_a_bracket_is_not_json."""
+    with open(tmp_path / name, "w") as f:
+        json.dump(TOKENS, f, indent=0)
+    assert load_hand_vocab(tmp_path / name).id_to_token == dict(enumerate(TOKENS))
+    with open(tmp_path / name, "w") as f:
+        json.dump({t: i + 10 for i, t in enumerate(TOKENS)}, f, indent=0)
+    assert load_hand_vocab(tmp_path / name).token_to_id == {t: i + 10 for i, t in enumerate(TOKENS)}
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("surrogate.json", '{\n "a": 0,\n "b\\ud800": 1\n}', r"surrogate\.json:3: token 'b\\ud800' \(id 1\) is not valid "
+                                                         r"Unicode \(a lone surrogate at character 1\)"),
+    ("surrogate_list.txt", '["a", "\\udfff"]', r"surrogate_list\.txt:1: token '\\udfff' \(id 1\) is not valid"),
+    ("huge.json", '{"a": 9223372036854775808}', r"huge\.json:1: id of token 'a': 9223372036854775808 is too large; "
+                                                r"ids must be < 2\*\*63"),
+    ("huge.tsv", "a\t0\nb\t99999999999999999999\n", r"huge\.tsv:2: .* 99999999999999999999 is too large"),
+    ("arabic_digits.tsv", "a\t0\nb\t\u0661\u0662\n", r"arabic_digits\.tsv:2: id of token 'b': '١٢' is not an "
+                                                     r"integer"),
+    ("underscore.json", '{"0": "a", "1_0": "b"}', r"underscore\.json:1: key '1_0' is not an integer id"),
+])
+def test_ids_and_tokens_that_no_output_could_hold_name_file_and_line(tmp_path, name, text, message):
+    with pytest.raises(UserError, match=message) as e:
+        load_hand_vocab(write(tmp_path, name, text))
+    assert "\n" not in str(e.value)
+    assert load_hand_vocab(write(tmp_path, "ok.json", '{"a": 9223372036854775807}')).id_to_token == {2**63 - 1: "a"}
+
+
+def round_trips(v, joiner, length=3) -> bool:
+    """Brute force: every sequence of up to `length` text tokens reads back as itself."""
+    import itertools
+
+    ids = [i for i in v.id_to_token if i not in (v.specials.pad, v.specials.bos, v.specials.eos)]
+    return all(v.text_to_ids(joiner.join(v.id_to_token[i] for i in seq), joiner)[0] == list(seq)
+               for n in range(1, length + 1) for seq in itertools.product(ids, repeat=n))
+
+
+@pytest.mark.parametrize("tokens, joiner", [
+    (["xa", "y"], "aa"),          # "xa" + "aa" holds "aa" one character early
+    (["ab", "c"], "abab"),        # "ab" + "abab" holds "abab" two characters early
+    (["x-", "y"], "--"),
+    (["a", "b"], "aaa"),          # a token shorter than the overlap still ends with its first character
+])
+def test_joiners_that_overlap_token_edges_are_refused(tmp_path, tokens, joiner):
+    from qlora.vocab import HandVocab, Specials
+
+    v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(tokens)))
+    # what today's check let through: the joiner is in no token, yet the text reads back differently
+    assert all(joiner not in t for t in tokens)
+    unchecked = HandVocab(**{**vars(v), "_safe_joiners": {joiner}, "specials": Specials()})
+    assert not round_trips(unchecked, joiner)
+    with pytest.raises(UserError, match=r"v\.json:1: token '.*' \(id \d\) ends with '.*', so in .* the joiner "
+                                        r".* is found \d characters? early") as e:
+        v.check_text_safe(joiner)
+    assert "\n" not in str(e.value)
+
+
+def test_a_joiner_is_accepted_exactly_when_the_round_trip_is_exact(tmp_path):
+    """Both ways, on every joiner of 1-3 characters over a small alphabet and random vocabularies of it."""
+    import itertools
+    import random
+
+    from qlora.vocab import HandVocab
+
+    rng = random.Random(0)
+    pieces = ["".join(p) for n in (1, 2) for p in itertools.product("ab-", repeat=n)]
+    joiners = ["".join(p) for n in (1, 2, 3) for p in itertools.product("ab-", repeat=n)]
+    accepted = refused = 0
+    for k in range(25):
+        tokens = rng.sample(pieces, rng.randint(2, 4))
+        v = load_hand_vocab(write(tmp_path, f"v{k}.json", json.dumps(tokens)))
+        for joiner in joiners:
+            unchecked = HandVocab(**{**vars(v), "_safe_joiners": {joiner}})
+            try:
+                v.check_text_safe(joiner)
+            except UserError:
+                refused += 1
+                assert not round_trips(unchecked, joiner, length=2), (tokens, joiner)
+            else:
+                accepted += 1
+                assert round_trips(v, joiner), (tokens, joiner)
+    assert accepted > 100 and refused > 100
+
+
+@pytest.mark.parametrize("joiner", ["<|eot_id|>", " <|begin_of_text|> ", "<|start_header_id|>"])
+def test_llama3_control_strings_are_refused_as_joiner(tmp_path, joiner):
+    v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(["a", "b"])))
+    with pytest.raises(UserError, match=rf"^--joiner .*: contains the Llama-3 control token <\|\w+\|>"):
+        v.check_text_safe(joiner)
+    v.check_text_safe("<|x|>")  # control: not a Llama-3 control token
+
+
+def test_tokens_after_end_of_sequence_are_refused_unless_padding(tmp_path):
+    v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(["[pad]", "<s>", "</s>", "<sep>", "a", "b"])))
+    assert v.specials.pad is None and v.specials.eos == 2
+    with pytest.raises(SequenceError, match=r"'\[pad\]' after the end-of-sequence token '</s>' \(at position 4\); "
+                                            r"if it pads the row, name it with --pad-token \[pad\]") as e:
+        v.split_sequence([1, 4, 3, 5, 2, 0, 0])
+    assert e.value.position == 5
+    with pytest.raises(SequenceError, match=r"'<s>' after the end-of-sequence token"):
+        v.split_sequence([1, 4, 2, 1, 5, 2])  # two sequences in one row
+    assert v.split_sequence([1, 4, 3, 5, 2, 2, 2]) == ([4], [5])  # padded with eos: fine
+    padded = v.with_specials({"pad": "[pad]"})
+    assert padded.split_sequence([1, 4, 3, 5, 2, 0, 0]) == ([4], [5])
