@@ -76,13 +76,15 @@ def check_bitsandbytes(device) -> None:
 
 
 def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn_implementation: str = "auto",
-                    device="cpu"):
+                    device="cpu", quant_storage: torch.dtype = torch.uint8):
     """Load a local Llama-3 model for training or generation, in bf16 throughout (never fp32).
 
     quantize="nf4": QLoRA base — 4-bit NormalFloat weights with double quantisation (the quantisation constants are
     quantised too, ~0.4 bit/param saved), bf16 compute; embeddings, norms and lm_head stay bf16.
     quantize="none": plain bf16 weights (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
+    quant_storage: the dtype the packed 4-bit bytes are stored in; qlora.fsdp.QUANT_STORAGE (bf16) for FSDP, which
+    shards float storage only. The bytes and every kernel are the same either way.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -97,7 +99,7 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
         check_bitsandbytes(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=quant_storage)
     elif quantize != "none":
         raise UserError(f"--quantize {quantize}: choose nf4 or none")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
