@@ -108,7 +108,9 @@ def main() -> None:
     else:
         optimizer = build(trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
-    if device.type == "cuda":
+    if device.type == "cuda":  # loading (the whole 4-bit model, before sharding) apart from training
+        load_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         after_load = torch.cuda.memory_allocated(device)
 
@@ -165,7 +167,7 @@ def main() -> None:
     if device.type == "cuda":
         mem = {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-               "after_load_allocated_gib": after_load / 2**30}
+               "load_peak_allocated_gib": load_peak / 2**30, "after_load_allocated_gib": after_load / 2**30}
     per_rank = [mem]
     if sharded:
         per_rank = [None] * world
