@@ -125,7 +125,7 @@ case "$PHASE" in
     # (2 ranks vs 1 process), then Llama-3-70B's width with 4 of its 80 blocks at seq 8192: one process (tokens/s,
     # MFU, memory) and FSDP over 2 processes (memory per process, load peak), each beside the estimator.
     # Table last; OUT/fsdp.json, OUT/fsdp_runs.log (every run's output).
-    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 500
+    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 480
     ;;
   *)
     # custom: PHASE is "custom" and BENCH_CMDS holds lines "SEQ MB CONFIGS PROFILE"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,10 @@ out = torch.empty(4 // w, device="cuda")
 dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.AVG)
 want = (torch.arange(4, dtype=torch.float32) + 10 * (w - 1) / 2)[r * 4 // w:(r + 1) * 4 // w]
 assert torch.equal(out.cpu(), want) and gathered.numel() == 4 * w, (out, want)
-print(f"probe rank {r}: gloo all_gather_into_tensor and reduce_scatter_tensor(AVG) on CUDA: ok")
+from torch.distributed.device_mesh import init_device_mesh
+mesh = init_device_mesh("cuda", (w,))  # what qlora.fsdp.shard builds on
+print(f"probe rank {r}: gloo all_gather_into_tensor and reduce_scatter_tensor(AVG) on CUDA: ok; "
+      f"mesh backend {dist.get_backend(mesh.get_group())}")
 dist.destroy_process_group()
 '''
 
@@ -64,12 +68,16 @@ class Runner:
         if limit < 30:
             return -1, f"skipped: {self.left():.0f} s of the budget left"
         t0 = time.time()
+        # a session of its own: on timeout the whole group goes (torchrun's workers too, and their GPU memory)
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                               timeout=limit)
-            rc, text = p.returncode, p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, text = 124, f"timed out after {limit:.0f} s\n{(e.stdout or b'')!s:.2000}"
+            text, _ = p.communicate(timeout=limit)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            text, _ = p.communicate()
+            rc, text = 124, f"{text}\ntimed out after {limit:.0f} s"
         with open(self.log, "a") as f:
             f.write(f"\n===== {name} (rc {rc}, {time.time() - t0:.0f} s): {' '.join(map(str, cmd))}\n{text}")
         print(f"[fsdp_bench +{time.time() - self.start:.0f}s] {name}: rc {rc} in "
@@ -124,7 +132,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/fsdp-bench")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
-    ap.add_argument("--budget-s", type=float, default=520, help="stop starting runs after this long")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting runs after this long")
     args = ap.parse_args()
     import torch
 
@@ -159,9 +167,9 @@ def main() -> None:
             "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
     eq1, eq2 = work / "eq_one", work / "eq_fsdp"
     runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2],
-               150)
+               120)
     if report["gloo_cuda_ok"]:
-        runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu"], 200)
+        runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu"], 150)
     if driver_result(eq1) and driver_result(eq2):
         report["equality"] = compare_runs(driver_result(eq1), driver_result(eq2), eq1, eq2)
 
@@ -169,7 +177,7 @@ def main() -> None:
     big = work / f"llama3-70b-width-{args.layers}"
     if not (big / "model.safetensors.index.json").is_file():
         runner.run("build 70B-wide checkpoint", [sys.executable, ROOT / "bench" / "build_8b_checkpoint.py", big,
-                                                 "--shape", "70b", "--layers", args.layers], 200)
+                                                 "--shape", "70b", "--layers", args.layers], 150)
     cfg = json.loads((big / "config.json").read_text()) if (big / "config.json").is_file() else None
     rows8k = work / "rows8192"
     if cfg and not (rows8k / "metadata.json").is_file():
@@ -181,11 +189,11 @@ def main() -> None:
     measured = []
     if cfg:
         one = work / "big_one"
-        runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 240)
+        runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
         if report["gloo_cuda_ok"]:
             two = work / "big_fsdp"
             runner.run("70B-wide: FSDP, 2 processes on cuda:0", [*torchrun(2), DRIVER, *flags, "--steps", 3,
-                                                                  "--out", two, "--same-gpu"], 300)
+                                                                  "--out", two, "--same-gpu"], 240)
         flops_tok = model_flops_per_token(cfg, rows8k, 64)
         for name, run_dir, world, parallelism in (("1 process", one, 1, "ddp"),
                                                    ("FSDP 2 processes", work / "big_fsdp", 2, "fsdp")):

@@ -174,8 +174,11 @@ def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, schedu
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk before the directory becomes a listed checkpoint
     if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)  # a step saved again after a resume
+        trash = path.with_name(f".{path.name}.old")
+        if path.exists():  # the same step saved again after a resume: swap, so one of the two is always listed
+            path.rename(trash)
         tmp.rename(path)
+        shutil.rmtree(trash, ignore_errors=True)
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in checkpoints_dir(run_dir).glob(".step-*"):

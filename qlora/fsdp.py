@@ -172,3 +172,16 @@ def save_adapter(peft_model, out_dir, *, is_main: bool) -> None:
     state = gather_lora_state(peft_model)
     if is_main:
         peft_model.save_pretrained(str(out_dir), state_dict=state)
+
+
+def even_eval_batches(batches: list[dict], per_rank: int, filler: dict) -> list[dict]:
+    """This rank's evaluation micro-batches, padded to `per_rank` with copies of `filler` that carry no label.
+
+    Every forward under FSDP gathers weights with all ranks, so every rank must run as many forwards as the others;
+    qlora.data.eval_micro_batches deals batches round-robin, which leaves some ranks one short. A filler's labels
+    are all -100: it adds nothing to the summed loss or the label count.
+    """
+    import numpy as np
+
+    blank = dict(filler, labels=np.full_like(filler["labels"], -100))
+    return list(batches) + [blank] * (per_rank - len(batches))

@@ -143,6 +143,24 @@ def test_shard_optimizer_steps_each_ranks_own_shards(one_process_group):
         naive.step()
 
 
+def test_evaluation_runs_as_many_forwards_on_every_rank(tiny_model_dir, fsdp_rows):
+    """5 validation micro-batches over 2 ranks: both run 3 forwards, and the filler adds no loss and no label."""
+    import math
+
+    from qlora.data import PackedShards, eval_micro_batches, read_metadata
+
+    rows = PackedShards(fsdp_rows, "train", read_metadata(fsdp_rows))
+    mine = [list(eval_micro_batches(rows, 2, rank, 2, max_rows=10)) for rank in (0, 1)]
+    assert [len(b) for b in mine] == [3, 2]  # dealt round-robin: rank 1 is one short
+    per_rank = math.ceil(5 / 2)
+    padded = [fsdp.even_eval_batches(b, per_rank, filler=mine[0][0]) for b in mine]
+    assert [len(b) for b in padded] == [3, 3]
+    model = apply_lora(load_base_model(tiny_model_dir), r=8)
+    with torch.no_grad():
+        loss, n = forward_loss(model, {k: torch.from_numpy(v) for k, v in padded[1][-1].items()})
+    assert loss.item() == 0.0 and int(n) == 0
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints (fast)
 def fake_checkpoint(path: Path, **state) -> Path:
     path.mkdir(parents=True)
