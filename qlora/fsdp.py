@@ -17,15 +17,18 @@ What is taken from the libraries and what is not:
     masters are gathered in bf16 (the dtype autocast computes them in anyway) and their gradients are reduce-scattered
     in fp32. FSDP's reduce-scatter averages over ranks as DDP's all-reduce does, so the training loop's loss scaling
     (world / label tokens of the global batch) gives the same update as one process with the same global batch.
-  * The 4-bit weights shard because bitsandbytes stores the packed NF4 bytes in a float dtype when asked
-    (`bnb_4bit_quant_storage`, QUANT_STORAGE); FSDP cannot shard uint8 storage under a bf16 policy.
-  * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor during the block),
-    so `Params4bit.quant_state` is gone from the weight the block computes with: without it bitsandbytes would
-    dequantise with nothing (the known silent trap: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the
-    quant state on each Linear4bit module (`module.quant_state`, replicated, ~1/64 of the 4-bit bytes); a forward
-    pre-hook on each block puts it back on the gathered weight (`_restore_quant_state`). Hand-written because
-    bitsandbytes' own fallback (`fix_4bit_weight_quant_state_from_module`) runs only inside Linear4bit.forward,
-    which the fused SwiGLU+down path of qlora/speed.py bypasses.
+  * The packed NF4 bytes are stored as bf16 pairs (`bnb_4bit_quant_storage`, QUANT_STORAGE: the same bytes and
+    kernels), so each block is all-gathered in one bf16 collective with its bf16 norms and LoRA weights: the form
+    bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded). torch
+    2.13's FSDP2 also shards uint8 storage, through a byte-view all-gather (seen on CPU); not used here.
+  * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
+    runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
+    weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
+    state on each Linear4bit module (`module.quant_state`, on every rank, ~1/64 of the 4-bit bytes), and
+    Linear4bit.forward puts it back itself (`fix_4bit_weight_quant_state_from_module`), but qlora/speed.py's fused
+    SwiGLU+down never calls Linear4bit.forward: it reads the weight's quant state, finds none and quietly takes the
+    unfused path (more memory than planned). A forward pre-hook on each block therefore puts the quant state back
+    on the gathered weights (`_restore_quant_state`; hand-written, no library does it for FSDP2).
   * bitsandbytes' optimizers run their kernels on plain tensors and refuse DTensors ("got mixed torch.Tensor and
     DTensor"; bitsandbytes issue #1633, axolotl refuses the combination): `shard_optimizer` gives the optimizer each
     rank's local shards and hands it their gradients at every step. Element-wise state (32-bit Adam, and 8-bit
@@ -99,8 +102,8 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
     device = torch.device(device)
     base = train_step.model.get_base_model()
     for lin in _linear4bit_modules(base):
-        if not lin.weight.is_floating_point():
-            raise UserError(f"4-bit weights stored as {lin.weight.dtype} cannot be sharded: load the base with "
+        if lin.weight.dtype != QUANT_STORAGE:  # the one form documented for FSDP and tested here
+            raise UserError(f"4-bit weights stored as {lin.weight.dtype}: load the base to shard with "
                             f"load_base_model(..., quant_storage=qlora.fsdp.QUANT_STORAGE)")
         if lin.quant_state is None:  # bitsandbytes sets it when it quantises; prequantised loads may not
             lin.quant_state = lin.weight.quant_state

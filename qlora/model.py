@@ -83,8 +83,8 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
     quantised too, ~0.4 bit/param saved), bf16 compute; embeddings, norms and lm_head stay bf16.
     quantize="none": plain bf16 weights (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
-    quant_storage: the dtype the packed 4-bit bytes are stored in; qlora.fsdp.QUANT_STORAGE (bf16) for FSDP, which
-    shards float storage only. The bytes and every kernel are the same either way.
+    quant_storage: the dtype the packed 4-bit bytes are stored in: qlora.fsdp.QUANT_STORAGE (bf16) to shard with
+    FSDP (qlora/fsdp.py says why). The bytes and every kernel are the same either way.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
