@@ -6,6 +6,8 @@ be downloaded on the device machine). It is laid out like Meta's download, so it
 with the usual init (normal std 0.02, norms at 1).
 
     python bench/build_8b_checkpoint.py OUT_DIR [--layers 32]
+    python bench/build_8b_checkpoint.py OUT_DIR --shape 70b --layers 4   (Llama-3-70B's width, 4 of its 80 blocks:
+        a whole random 70B is ~141 GB in bf16, more than the GPU machine's disk; 1.7 GB a block + 4.2 GB)
 """
 from __future__ import annotations
 
@@ -19,7 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qlora.memory import LLAMA3_70B  # noqa: E402
 from qlora.tiny_model import LLAMA3_8B_CONFIG, write_tokenizer_files  # noqa: E402
+
+# Llama-3-70B's config differs from the 8B's only in these sizes (same vocabulary, RoPE, norms, context)
+SHAPES = {"8b": {}, "70b": {k: LLAMA3_70B[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                        "num_key_value_heads")}}
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -42,12 +49,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--layers", type=int, default=32, help="number of blocks (32 = the real Llama-3-8B)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="block width: Llama-3-8B's or 70B's")
     ap.add_argument("--shard-gib", type=float, default=4.0, help="safetensors shard size")
     args = ap.parse_args()
     t0 = time.time()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(LLAMA3_8B_CONFIG, num_hidden_layers=args.layers, dtype="bfloat16", transformers_version="5.17.0")
+    cfg = dict(LLAMA3_8B_CONFIG, **SHAPES[args.shape], num_hidden_layers=args.layers, dtype="bfloat16",
+               transformers_version="5.17.0")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))

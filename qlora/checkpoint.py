@@ -125,3 +125,86 @@ def load_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int) -> dic
     if rank < len(rng_states):
         restore_rng(rng_states[rank])
     return read_trainer_state(path)
+
+
+# ----------------------------------------------------------------------------------------------- FSDP (sharded)
+# The same directory contract (step-NNNNNNN/, renamed into place with trainer_state.json inside, last K kept), with
+# the LoRA weights and optimizer state written by every rank in parallel, none of them gathered for resuming:
+#   lora/                torch.distributed.checkpoint of the LoRA masters (each rank writes its DTensor shards)
+#   optimizer/rank-N.pt  each rank's optimizer state (qlora.fsdp.shard_optimizer runs on the rank's own shards,
+#                        so there is no whole-model optimizer state to reshard; resuming needs the same world size)
+#   adapter/             the gathered LoRA as a normal PEFT adapter, as in a DDP checkpoint (predict.py reads it)
+#   scheduler.pt, rng_states.pt, trainer_state.json ("parallelism": "fsdp")
+def checkpoint_parallelism(path) -> str:
+    return read_trainer_state(path).get("parallelism", "ddp")
+
+
+def check_resume_parallelism(path, parallelism: str) -> None:
+    """One-line refusal to resume a checkpoint written under the other parallelism (its files differ)."""
+    written = checkpoint_parallelism(path)
+    if written != parallelism:
+        raise UserError(f"checkpoint {path} was written under {written.upper()}, this run uses "
+                        f"{parallelism.upper()}: resume it with --parallelism {written}, or use a new --output-dir")
+
+
+def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, scheduler, trainer_state: dict,
+                            rng_states: list[dict], keep: int, rank: int) -> Path:
+    """Write step-NNNNNNN from every rank of an FSDP run (a collective: all ranks call it), renamed into place
+    by rank 0 once every rank has written; then delete all but the newest `keep` checkpoints."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from .fsdp import save_adapter
+
+    path = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    tmp = path.with_name(f".{path.name}.sharded-tmp")  # one name for every rank (atomic_dir's is per process)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "optimizer").mkdir(parents=True)
+    dist.barrier()
+    lora = get_model_state_dict(peft_model, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save(lora, checkpoint_id=str(tmp / "lora"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank-{rank:05d}.pt")
+    save_adapter(peft_model, tmp / "adapter", is_main=rank == 0)
+    if rank == 0:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng_states.pt")
+        state = dict(trainer_state, step=step, parallelism="fsdp", world_size=dist.get_world_size())
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    dist.barrier()  # every rank's files are on disk before the directory becomes a listed checkpoint
+    if rank == 0:
+        trash = path.with_name(f".{path.name}.old")
+        if path.exists():  # the same step saved again after a resume: swap, so one of the two is always listed
+            path.rename(trash)
+        tmp.rename(path)
+        shutil.rmtree(trash, ignore_errors=True)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in checkpoints_dir(run_dir).glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_sharded_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int, world_size: int) -> dict:
+    """Every rank reads its own LoRA shards and optimizer state, scheduler and its RNG; return trainer_state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    path = Path(path)
+    check_resume_parallelism(path, "fsdp")
+    state = read_trainer_state(path)
+    if state["world_size"] != world_size:
+        raise UserError(f"checkpoint {path} was written by {state['world_size']} FSDP processes, this run has "
+                        f"{world_size}: resume with torchrun --nproc_per_node {state['world_size']} (each process's "
+                        f"optimizer state is its own shard)")
+    lora = get_model_state_dict(peft_model, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load(lora, checkpoint_id=str(path / "lora"))  # refuses a checkpoint that lacks any of these LoRA weights
+    # strict=False: the frozen base is not part of the checkpoint (and not of `lora`)
+    set_model_state_dict(peft_model, lora, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    optimizer.load_state_dict(torch.load(path / "optimizer" / f"rank-{rank:05d}.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    restore_rng(torch.load(path / "rng_states.pt", weights_only=False)[rank])
+    return state

@@ -25,6 +25,15 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
   * Transient in the backward (gradient of the MLP activation and the residual stream; one recomputed block), which
     comes after the loss's transient, so the peak takes the larger of the two; the allocator's slack (expandable
     segments: ~0.4 GiB measured) on top; CUDA context (~0.5 GiB) outside the allocator.
+  * FSDP over N processes (parallelism="fsdp", qlora/fsdp.py): the 4-bit blocks, embeddings, norms, LoRA masters,
+    their gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not (bitsandbytes keeps
+    them on every Linear4bit, outside FSDP). Gathered for a while: up to three blocks (the one computing, the next
+    one prefetched, and that one's all-gather buffer until it is copied out) plus one block's unsharded bf16 LoRA
+    gradients and their fp32 copy for the reduce-scatter; the final norm + lm_head from the end of the forward to
+    the start of the backward (the loss's phase). No DDP buckets. Loading: qlora/fsdp.py loads the whole 4-bit model
+    on each GPU before sharding it, so the larger of "4-bit model + embeddings" and "4-bit model + whole fp32 LoRA
+    masters" (the embeddings wait on the CPU meanwhile) must fit too (`load_bytes`).
+  * Not counted: NCCL's own buffers (outside PyTorch's allocator, not measured here; the 90% budget leaves room).
 """
 from __future__ import annotations
 
@@ -38,6 +47,9 @@ DEFAULT_BUDGET_FRACTION = 0.9              # use at most 90% of the card (36 GiB
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
+PARALLELISMS = ("auto", "ddp", "fsdp")
 
 
 def projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -65,6 +77,7 @@ class MemoryEstimate:
     peak_allocated_bytes: int = 0              # what torch.cuda.max_memory_allocated should report
     peak_reserved_bytes: int = 0               # what torch.cuda.max_memory_reserved should report
     outside_allocator_bytes: int = 0           # paged optimizer state + CUDA context
+    load_bytes: int = 0                        # FSDP: on the GPU while loading, before sharding (incl. context)
     settings: dict = field(default_factory=dict)
 
     @property
@@ -72,11 +85,13 @@ class MemoryEstimate:
         return self.peak_reserved_bytes + self.outside_allocator_bytes
 
     def fits(self, gpu_bytes: float) -> bool:
-        return self.total_bytes <= gpu_bytes
+        return max(self.total_bytes, self.load_bytes) <= gpu_bytes
 
     def table(self, gpu_gib: float = 40.0) -> str:
         s = self.settings
-        lines = [f"Estimated peak GPU memory per process: {s.get('model', 'model')}, seq {s['seq_len']} x micro-batch "
+        sharding = (f", FSDP over {s['world_size']} processes (each holds 1/{s['world_size']})"
+                    if s.get("parallelism") == "fsdp" else "")
+        lines = [f"Estimated peak GPU memory per process{sharding}: {s.get('model', 'model')}, seq {s['seq_len']} x micro-batch "
                  f"{s['micro_batch_size']}, LoRA r={s['lora_r']} on {len(s['lora_targets'])} projections, "
                  f"{s['checkpoint_layers']}/{s['layers']} blocks checkpointed, kernels {s['kernels']}, "
                  f"loss {'fused' if s['fused_loss'] else 'chunked'}, optimizer {s['optimizer']}",
@@ -89,8 +104,13 @@ class MemoryEstimate:
         lines.append(f"  {'peak allocated (torch max_memory_allocated)':44s} {self.peak_allocated_bytes / GiB:8.2f}")
         lines.append(f"  {'peak reserved (torch max_memory_reserved)':44s} {self.peak_reserved_bytes / GiB:8.2f}")
         lines.append(f"  {'total on the GPU':44s} {self.total_bytes / GiB:8.2f}")
+        if self.load_bytes:
+            lines.append(f"  {'while loading, before sharding':44s} {self.load_bytes / GiB:8.2f}  the whole 4-bit "
+                         f"model on each GPU")
         verdict = "fits" if self.fits(gpu_gib * GiB) else "DOES NOT FIT"
-        lines.append(f"  => {verdict} a {gpu_gib:g} GiB GPU ({100 * self.total_bytes / (gpu_gib * GiB):.0f}% of it)")
+        most = max(self.total_bytes, self.load_bytes)
+        lines.append(f"  => {verdict} a {gpu_gib:g} GiB GPU ({100 * most / (gpu_gib * GiB):.0f}% of it"
+                     f"{', while loading' if self.load_bytes > self.total_bytes else ''})")
         return "\n".join(lines)
 
     def summary(self, gpu_gib: float = 40.0) -> str:
@@ -123,40 +143,60 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
                     fused_loss: bool = True, kernels: str = "liger", fused_mlp: bool = True,
                     optimizer: str = "paged_adamw_8bit", quantize: str = "nf4", double_quant: bool = True,
                     loss_chunk_size: int = 1024, world_size: int = 1, ddp_bucket_view: bool = False,
-                    upcast: bool = False) -> MemoryEstimate:
-    """Peak memory of one training process. checkpoint_layers: blocks recomputed in the backward (-1: all)."""
+                    upcast: bool = False, parallelism: str = "ddp") -> MemoryEstimate:
+    """Peak memory of one training process. checkpoint_layers: blocks recomputed in the backward (-1: all).
+
+    parallelism: "ddp" (every process holds the whole model) or "fsdp" (qlora/fsdp.py: 1/world_size of it).
+    """
     cfg = dict(LLAMA3_8B if model_config is None else model_config)
     layers, h, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
     n_ckpt = layers if checkpoint_layers < 0 else min(checkpoint_layers, layers)
     shapes = projection_shapes(cfg)
     base_linear = layers * sum(i * o for i, o in shapes.values())
+    base_bytes = base_linear // 2 if quantize == "nf4" else base_linear * 2
     tokens = seq_len * micro_batch_size
     est = MemoryEstimate()
     est.settings = dict(model=cfg.get("_name", "Llama-3-8B shape" if model_config is None else "model"),
                         seq_len=seq_len, micro_batch_size=micro_batch_size, lora_r=lora_r,
                         lora_targets=list(lora_targets), checkpoint_layers=n_ckpt, layers=layers, kernels=kernels,
-                        fused_loss=fused_loss, optimizer=optimizer, world_size=world_size)
+                        fused_loss=fused_loss, optimizer=optimizer, world_size=world_size, parallelism=parallelism)
+    fsdp = parallelism == "fsdp"
+    shards = world_size if fsdp else 1   # each sharded quantity is divided by this
+    of = f", 1/{shards} shard" if shards > 1 else ""
     rows = est.rows
     if quantize == "nf4":
         consts = base_linear // 64 * (1 if double_quant else 4) + (base_linear // 64 // 256 * 4 if double_quant else 0)
-        rows.append(("4-bit NF4 base (7 projections x blocks)", base_linear // 2, True, f"{base_linear / 1e9:.2f}B params x 0.5 B"))
-        rows.append(("  quantisation constants", consts, True, "absmax per 64 weights" + (" (double-quantised)" if double_quant else "")))
+        rows.append(("4-bit NF4 base (7 projections x blocks)", base_bytes // shards, True, f"{base_linear / 1e9:.2f}B params x 0.5 B{of}"))
+        rows.append(("  quantisation constants", consts, True, "absmax per 64 weights" + (" (double-quantised)" if double_quant else "")
+                     + (", on every process" if shards > 1 else "")))
     else:
-        rows.append(("bf16 base (7 projections x blocks)", base_linear * 2, True, f"{base_linear / 1e9:.2f}B params x 2 B"))
+        consts = 0
+        rows.append(("bf16 base (7 projections x blocks)", base_bytes // shards, True, f"{base_linear / 1e9:.2f}B params x 2 B{of}"))
     unq_dtype = 4 if upcast else 2
     n_emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
     n_norm = (2 * layers + 1) * h
-    rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype, True, f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params"))
-    rows.append(("norms", n_norm * unq_dtype, True, ""))
+    rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype // shards, True, f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params{of}"))
+    rows.append(("norms", n_norm * unq_dtype // shards, True, ""))
     trainable = lora_trainable_params(cfg, lora_r, lora_targets)
     est.trainable_params, est.base_params = trainable, base_linear + n_emb + n_norm
-    rows.append(("LoRA weights (fp32 masters)", trainable * 4, True, f"{trainable:,} params"))
-    rows.append(("LoRA gradients (fp32)", trainable * 4, True, ""))
-    if world_size > 1 and not ddp_bucket_view:
+    rows.append(("LoRA weights (fp32 masters)", trainable * 4 // shards, True, f"{trainable:,} params{of}"))
+    rows.append(("LoRA gradients (fp32)", trainable * 4 // shards, True, ""))
+    if world_size > 1 and not ddp_bucket_view and not fsdp:
         rows.append(("DDP gradient buckets", trainable * 4, True, "a second fp32 copy of the LoRA gradients"))
     paged = optimizer.startswith("paged")
-    state = trainable * (2 + 8 / 2048) if "8bit" in optimizer else trainable * 8
-    rows.append((f"optimizer state ({optimizer})", int(state), not paged, "2 x uint8 per param" if "8bit" in optimizer else "2 x fp32 per param"))
+    state = (trainable * (2 + 8 / 2048) if "8bit" in optimizer else trainable * 8) / shards
+    rows.append((f"optimizer state ({optimizer})", int(state), not paged, ("2 x uint8 per param" if "8bit" in optimizer else "2 x fp32 per param") + of))
+    # FSDP: what is gathered whole for a while (see the module doc)
+    head_gathered = v * h * unq_dtype if fsdp and shards > 1 else 0
+    blocks_gathered = lora_grad_buffers = 0
+    if fsdp and shards > 1:
+        block_weights = base_bytes // layers + 2 * h * unq_dtype
+        block_lora = trainable // layers
+        blocks_gathered = 3 * (block_weights + 2 * block_lora)
+        lora_grad_buffers = block_lora * (2 + 4)
+        if cfg.get("tie_word_embeddings"):  # one unit with the embeddings: gathered for the whole step
+            rows.append(("FSDP: embeddings + lm_head gathered (tied)", head_gathered, True, "the whole step"))
+            head_gathered = 0
     static = sum(b for _, b, inside, _ in rows if inside)
 
     per_tok = activation_bytes_per_token(cfg, kernels=kernels, fused_mlp=fused_mlp, lora_r=lora_r,
@@ -169,6 +209,10 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     rows.append((f"activations: {n_ckpt} checkpointed blocks", n_ckpt * block_ckpt, True, "block input only"))
     if n_ckpt:
         rows.append(("  one block recomputed in the backward", block_full, True, ""))
+    if blocks_gathered:
+        rows.append(("FSDP: 3 blocks gathered", blocks_gathered, True,
+                     "computing, prefetched, all-gather buffer: 4-bit weights + bf16 LoRA"))
+        rows.append(("FSDP: LoRA grads of one block", lora_grad_buffers, True, "bf16 + fp32 copy for the reduce-scatter"))
     # transient at the start of the backward: gradient of the residual stream and of the MLP activation
     transient = tokens * (2 * h + 2 * cfg["intermediate_size"]) if n_ckpt < layers else 0
     if transient:
@@ -180,17 +224,46 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         chunk = min(loss_chunk_size, tokens)
         loss_b = tokens * 2 * h + chunk * v * (2 + 4 + 4 + 2)
         rows.append((f"loss: chunked CE, {chunk}-token logits", loss_b, True, "bf16 + fp32 logits and their gradient"))
+    if head_gathered:
+        rows.append(("FSDP: norm + lm_head gathered (loss phase)", head_gathered, True, "end of forward to start of backward"))
     # The loss's transient (at the start of the backward) and the blocks' (recompute, activation gradients) come one
     # after the other: the peak is the larger of the two on top of everything saved.
-    blocks_phase = (block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)
-    peak = static + saved + max(loss_b, blocks_phase)
+    blocks_phase = ((block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)
+                    + blocks_gathered + lora_grad_buffers)
+    peak = static + saved + max(loss_b + head_gathered, blocks_phase)
     est.peak_allocated_bytes = int(peak)
     est.peak_reserved_bytes = int(peak + ALLOCATOR_SLACK_BYTES)
     rows.append(("allocator slack (reserved - allocated)", ALLOCATOR_SLACK_BYTES, True, "expandable segments"))
     outside = CUDA_CONTEXT_BYTES + (int(state) if paged else 0)
     rows.append(("CUDA context", CUDA_CONTEXT_BYTES, False, ""))
     est.outside_allocator_bytes = outside
+    if fsdp and shards > 1:
+        # the whole 4-bit model on the GPU, then (embeddings moved to the CPU) the whole fp32 LoRA masters
+        largest_bf16 = 2 * max(i * o for i, o in shapes.values())  # one projection before bitsandbytes quantises it
+        whole = base_bytes + consts + n_norm * unq_dtype
+        est.load_bytes = int(max(whole + n_emb * unq_dtype + largest_bf16, whole + trainable * 4)
+                             + ALLOCATOR_SLACK_BYTES + CUDA_CONTEXT_BYTES)
     return est
+
+
+def choose_parallelism(requested: str, model_config: dict | None, *, world_size: int, budget_bytes: float,
+                       **kw) -> str:
+    """"ddp" or "fsdp" for --parallelism auto|ddp|fsdp: DDP (a whole model per GPU, no weight traffic: faster) when
+    one process fits budget_bytes with every block recomputed, else FSDP. An explicit ddp or fsdp wins.
+
+    kw: estimate_memory's recipe keywords (checkpoint_layers and parallelism are set here).
+    """
+    from .errors import UserError
+
+    if requested not in PARALLELISMS:
+        raise UserError(f"--parallelism {requested}: choose one of {', '.join(PARALLELISMS)}")
+    if requested != "auto":
+        return requested
+    if world_size == 1:
+        return "ddp"  # one process: nothing to shard over
+    kw = {k: v for k, v in kw.items() if k not in ("checkpoint_layers", "parallelism")}
+    smallest = estimate_memory(model_config, checkpoint_layers=-1, world_size=world_size, parallelism="ddp", **kw)
+    return "ddp" if smallest.fits(budget_bytes) else "fsdp"
 
 
 def choose_checkpoint_layers(model_config: dict | None, budget_bytes: float, **kw) -> int | None:

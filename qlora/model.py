@@ -114,7 +114,7 @@ def check_bitsandbytes(device) -> None:
 
 
 def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn_implementation: str = "auto",
-                    device="cpu", compute_dtype: torch.dtype | None = None):
+                    device="cpu", compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8):
     """Load a local Llama-3 model for training or generation, in one compute dtype throughout.
 
     quantize="nf4": QLoRA base — 4-bit NormalFloat weights with double quantisation (the quantisation constants are
@@ -122,6 +122,8 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
     quantize="none": plain weights in the compute dtype (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
     compute_dtype: default `resolve_compute_dtype("auto", device)` (bf16 on CUDA, fp32 on the CPU).
+    quant_storage: the dtype the packed 4-bit bytes are stored in: qlora.fsdp.QUANT_STORAGE (bf16) to shard with
+    FSDP (qlora/fsdp.py says why). The bytes and every kernel are the same either way.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -137,14 +139,14 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
         check_bitsandbytes(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
     elif quantize != "none":
         raise UserError(f"--quantize {quantize}: choose nf4 or none")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    # One dtype everywhere, whatever the checkpoint was saved in (Params4bit stay packed; they are not floats): a
-    # stray fp32 weight on the GPU would silently run the network in fp32.
+    # One dtype everywhere, whatever the checkpoint was saved in (Params4bit hold packed bytes, whatever dtype stores
+    # them): a stray fp32 weight on the GPU would silently run the network in fp32.
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype != compute_dtype:
+        if p.is_floating_point() and getattr(p, "quant_state", None) is None and p.dtype != compute_dtype:
             raise AssertionError(f"{name} loaded in {p.dtype}, not {compute_dtype}")
     return model
 

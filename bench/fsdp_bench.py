@@ -1,0 +1,248 @@
+"""Issue 12 on one GPU: QLoRA under FSDP2 (qlora/fsdp.py) checked and measured, against qlora/memory.py's estimate.
+
+    python bench/fsdp_bench.py --out OUT [--layers 4] [--budget-s 520]      (bash bench/device_run.sh fsdp)
+
+1. probe: do gloo's all-gather and reduce-scatter (average) work on CUDA tensors? FSDP over 2 processes on one GPU
+   needs them (NCCL refuses two ranks on one device).
+2. equality on the fast path: a small Llama-3-shaped model (hidden 512, 4 untied blocks, rows of 512 tokens) with
+   Liger's kernels, the fused SwiGLU+down, bf16 LoRA addmm, flex attention, the fused linear-CE and 2 of 4 blocks
+   recomputed: one process with grad-accum 2 against 2 FSDP ranks on cuda:0 (gloo), 4 steps (tests/fsdp_driver.py).
+3. Llama-3-70B's width with --layers of its 80 blocks (bench/build_8b_checkpoint.py --shape 70b; a whole random
+   70B does not fit the machine's disk), seq 8192, LoRA r=64 on the 7 projections, paged 8-bit AdamW, fast path,
+   no recompute: one process (tokens/s, MFU, peak memory) and FSDP over 2 processes on cuda:0 (peak memory per
+   process, and the peak while loading; its speed through gloo and one shared GPU means nothing). Each measured
+   peak is set beside estimate_memory for the same configuration (target: within 10%).
+Prints a table last and writes OUT/fsdp.json; every run's output goes to OUT/fsdp_runs.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+DRIVER = ROOT / "tests" / "fsdp_driver.py"
+GiB = 2**30
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, datasheet
+
+PROBE = r'''
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+torch.cuda.set_device(0)
+r, w = dist.get_rank(), dist.get_world_size()
+x = torch.arange(4, dtype=torch.float32, device="cuda") + 10 * r
+gathered = torch.empty(4 * w, device="cuda")
+dist.all_gather_into_tensor(gathered, x)
+out = torch.empty(4 // w, device="cuda")
+dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.AVG)
+want = (torch.arange(4, dtype=torch.float32) + 10 * (w - 1) / 2)[r * 4 // w:(r + 1) * 4 // w]
+assert torch.equal(out.cpu(), want) and gathered.numel() == 4 * w, (out, want)
+from torch.distributed.device_mesh import init_device_mesh
+mesh = init_device_mesh("cuda", (w,))  # what qlora.fsdp.shard builds on
+print(f"probe rank {r}: gloo all_gather_into_tensor and reduce_scatter_tensor(AVG) on CUDA: ok; "
+      f"mesh backend {dist.get_backend(mesh.get_group())}")
+dist.destroy_process_group()
+'''
+
+
+class Runner:
+    """Subprocesses under one deadline, their output appended to one log."""
+
+    def __init__(self, log: Path, budget_s: float):
+        self.log, self.start, self.deadline = log, time.time(), time.time() + budget_s
+        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "4"}
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def run(self, name: str, cmd: list, limit_s: float) -> tuple[int, str]:
+        limit = min(limit_s, self.left())
+        if limit < 30:
+            return -1, f"skipped: {self.left():.0f} s of the budget left"
+        t0 = time.time()
+        # a session of its own: on timeout the whole group goes (torchrun's workers too, and their GPU memory)
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            text, _ = p.communicate(timeout=limit)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            text, _ = p.communicate()
+            rc, text = 124, f"{text}\ntimed out after {limit:.0f} s"
+        with open(self.log, "a") as f:
+            f.write(f"\n===== {name} (rc {rc}, {time.time() - t0:.0f} s): {' '.join(map(str, cmd))}\n{text}")
+        print(f"[fsdp_bench +{time.time() - self.start:.0f}s] {name}: rc {rc} in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        if rc != 0:
+            print("\n".join(text.strip().splitlines()[-15:]), flush=True)
+        return rc, text
+
+
+def torchrun(n: int) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
+
+def driver_result(out: Path) -> dict | None:
+    f = out / "result.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def compare_runs(one: dict, two: dict, a_dir: Path, b_dir: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    la, lb = one["losses"], two["losses"]
+    rel = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
+    wa = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    scale = max(float(t.abs().max()) for t in wa.values())
+    return {"losses_one_process": la, "losses_fsdp": lb, "max_rel_loss_diff": rel, "max_abs_lora_diff": diff,
+            "max_abs_lora": scale, "same_keys": wa.keys() == wb.keys(),
+            "lora_b_trained": any(float(t.abs().max()) > 0 for k, t in wa.items() if "lora_B" in k),
+            "torch_equal_all": all(torch.equal(wa[k], wb[k]) for k in wa)}
+
+
+def model_flops_per_token(cfg: dict, data_dir: Path, lora_r: int) -> float:
+    """bench_train.py's count (no recompute), attention over the documents of the data's rows."""
+    import pyarrow.parquet as pq
+
+    from bench_train import flops_per_step
+
+    seq = json.loads((data_dir / "metadata.json").read_text())["max_len"]
+    segments = []
+    for shard in sorted((data_dir / "train").glob("*.parquet")):
+        for lens in pq.read_table(shard, columns=["doc_lens"]).column("doc_lens").to_pylist():
+            segments.append(list(lens) + ([seq - sum(lens)] if seq > sum(lens) else []))
+    f = flops_per_step(cfg, tokens=seq * len(segments), segments_rows=segments, ckpt_blocks=0, lora_r=lora_r)
+    return f["model_flops"] / (seq * len(segments))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/fsdp-bench")
+    ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting runs after this long")
+    args = ap.parse_args()
+    import torch
+
+    from qlora.memory import ALLOCATOR_SLACK_BYTES, CUDA_CONTEXT_BYTES, estimate_memory
+    from qlora.tiny_model import build_tiny_llama3
+    from shard_fixtures import random_rows, write_rows
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out / "fsdp_runs.log", args.budget_s)
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 989.0)
+    report: dict = {"gpu": gpu, "peak_tflops": peak, "torch": torch.__version__}
+
+    # 1. gloo on CUDA tensors
+    (work / "probe.py").write_text(PROBE)
+    rc, text = runner.run("probe", [*torchrun(2), work / "probe.py"], 120)
+    report["gloo_cuda_ok"] = rc == 0
+    if rc != 0:
+        report["gloo_cuda_error"] = [ln for ln in text.splitlines() if "Error" in ln][-3:]
+
+    # 2. equality on the fast path
+    small = work / "small"
+    if not (small / "config.json").is_file():
+        build_tiny_llama3(small, layers=4, hidden=512, intermediate=1024, heads=4, kv_heads=2,
+                          tie_word_embeddings=False, tokenizer_style="meta")
+    rows512 = work / "rows512"
+    if not (rows512 / "metadata.json").is_file():
+        write_rows(rows512, small, 512, random_rows(small, 24, 512, seed=1))
+    fast = ["--device", "cuda", "--kernels", "liger", "--attn", "flex_attention", "--checkpoint-layers", 2,
+            "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
+    eq1, eq2 = work / "eq_one", work / "eq_fsdp"
+    runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2],
+               120)
+    if report["gloo_cuda_ok"]:
+        runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu"], 150)
+    if driver_result(eq1) and driver_result(eq2):
+        report["equality"] = compare_runs(driver_result(eq1), driver_result(eq2), eq1, eq2)
+
+    # 3. 70B width, few blocks
+    big = work / f"llama3-70b-width-{args.layers}"
+    if not (big / "model.safetensors.index.json").is_file():
+        runner.run("build 70B-wide checkpoint", [sys.executable, ROOT / "bench" / "build_8b_checkpoint.py", big,
+                                                 "--shape", "70b", "--layers", args.layers], 150)
+    cfg = json.loads((big / "config.json").read_text()) if (big / "config.json").is_file() else None
+    rows8k = work / "rows8192"
+    if cfg and not (rows8k / "metadata.json").is_file():
+        write_rows(rows8k, big, 8192, random_rows(big, 12, 8192, seed=2))
+    recipe = dict(seq_len=8192, micro_batch_size=1, lora_r=64, checkpoint_layers=0, kernels="liger", fused_mlp=True,
+                  fused_loss=True, optimizer="paged_adamw_8bit")
+    flags = ["--device", "cuda", "--kernels", "liger", "--attn", "flex_attention", "--checkpoint-layers", 0,
+             "--lora-r", 64, "--min-8bit-size", 4096, "--lr", "1e-4", "--model", big, "--data", rows8k]
+    measured = []
+    if cfg:
+        one = work / "big_one"
+        runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
+        if report["gloo_cuda_ok"]:
+            two = work / "big_fsdp"
+            runner.run("70B-wide: FSDP, 2 processes on cuda:0", [*torchrun(2), DRIVER, *flags, "--steps", 3,
+                                                                  "--out", two, "--same-gpu"], 240)
+        flops_tok = model_flops_per_token(cfg, rows8k, 64)
+        for name, run_dir, world, parallelism in (("1 process", one, 1, "ddp"),
+                                                   ("FSDP 2 processes", work / "big_fsdp", 2, "fsdp")):
+            res = driver_result(run_dir)
+            if not res:
+                continue
+            est = estimate_memory(cfg, world_size=world, parallelism=parallelism, **recipe)
+            mem = res["memory_per_rank"]
+            entry = {"config": name, "world_size": world, "tokens_per_s": res["tokens_per_s"],
+                     "step_times_s": res["step_times_s"], "losses": res["losses"],
+                     "peak_reserved_gib": max(m["peak_reserved_gib"] for m in mem),
+                     "peak_allocated_gib": max(m["peak_allocated_gib"] for m in mem),
+                     "load_peak_allocated_gib": max(m["load_peak_allocated_gib"] for m in mem),
+                     "est_peak_reserved_gib": est.peak_reserved_bytes / GiB,
+                     "est_peak_allocated_gib": est.peak_allocated_bytes / GiB,
+                     # load_bytes counts the allocator slack and the CUDA context: compare what torch allocated
+                     "est_load_allocated_gib": ((est.load_bytes - ALLOCATOR_SLACK_BYTES - CUDA_CONTEXT_BYTES) / GiB
+                                                if est.load_bytes else None),
+                     "estimate_table": est.table(140)}
+            if world == 1:
+                entry["model_gflop_per_token"] = flops_tok / 1e9
+                entry["mfu"] = flops_tok * res["tokens_per_s"] / (peak * 1e12)
+            measured.append(entry)
+    report["measured"] = measured
+    (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    # the table, last
+    print(f"\nFSDP bench on {gpu} (torch {torch.__version__}); gloo on CUDA: "
+          f"{'ok' if report['gloo_cuda_ok'] else 'FAILED ' + str(report.get('gloo_cuda_error'))}")
+    eq = report.get("equality")
+    if eq:
+        print(f"fast path, 2 FSDP ranks vs 1 process (4 steps): max relative loss difference "
+              f"{eq['max_rel_loss_diff']:.2e} (target <= 1e-5), max |LoRA difference| {eq['max_abs_lora_diff']:.2e} "
+              f"of weights up to {eq['max_abs_lora']:.3f}; bit-identical adapters: {eq['torch_equal_all']}")
+    else:
+        print("fast path equality: not measured (see OUT/fsdp_runs.log)")
+    print(f"\n| 70B width, {args.layers} blocks, seq 8192 | tokens/s | MFU | peak reserved GiB (est, diff) | "
+          f"peak allocated GiB (est, diff) | load peak allocated GiB (est) |")
+    print("|---|---|---|---|---|---|")
+    for m in measured:
+        def cell(meas, est):
+            return f"{meas:.2f} ({est:.2f}, {100 * (est - meas) / meas:+.1f}%)"
+        mfu = f"{100 * m['mfu']:.1f}%" if "mfu" in m else "n/a (gloo)"
+        tps = f"{m['tokens_per_s']:.0f}" if m["world_size"] == 1 else "n/a (gloo)"
+        load = (f"{m['load_peak_allocated_gib']:.2f} ({m['est_load_allocated_gib']:.2f})"
+                if m.get("est_load_allocated_gib") else f"{m['load_peak_allocated_gib']:.2f}")
+        print(f"| {m['config']} | {tps} | {mfu} | {cell(m['peak_reserved_gib'], m['est_peak_reserved_gib'])} | "
+              f"{cell(m['peak_allocated_gib'], m['est_peak_allocated_gib'])} | {load} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""QLoRA sharded with torch's FSDP2 (`fully_shard`), for models whose 4-bit weights do not fit one GPU.
+
+DDP keeps a whole copy of the model on every GPU; Llama-3-70B in NF4 (~32 GiB of blocks, ~4 GiB of bf16 embeddings
+and lm_head) plus activations does not fit a 40 GB A100 that way. Here each of N processes keeps 1/N of every
+weight, LoRA master, gradient and optimizer state, and gathers one decoder block's weights at a time:
+
+    base = load_base_model(model_dir, device=device, quant_storage=QUANT_STORAGE)   # NF4 packed in bf16
+    offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
+    peft_model = apply_lora(base, ...)
+    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, then the root
+    optimizer = shard_optimizer(trainable_params, build)    # bitsandbytes 8-bit AdamW on each rank's own shards
+
+What is taken from the libraries and what is not:
+  * Sharding, gathering, mixed precision and gradient reduce-scatter are FSDP2's: `fully_shard` on every decoder
+    block (one unit each: gathered just before the block runs, freed after), on the embeddings and on the final
+    norm + lm_head, then on the root. MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the fp32 LoRA
+    masters are gathered in bf16 (the dtype autocast computes them in anyway) and their gradients are reduce-scattered
+    in fp32. FSDP's reduce-scatter averages over ranks as DDP's all-reduce does, so the training loop's loss scaling
+    (world / label tokens of the global batch) gives the same update as one process with the same global batch.
+  * The packed NF4 bytes are stored as bf16 pairs (`bnb_4bit_quant_storage`, QUANT_STORAGE: the same bytes and
+    kernels), so each block is all-gathered in one bf16 collective with its bf16 norms and LoRA weights: the form
+    bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded). torch
+    2.13's FSDP2 also shards uint8 storage, through a byte-view all-gather (seen on CPU); not used here.
+  * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
+    runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
+    weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
+    state on each Linear4bit module (`module.quant_state`, on every rank, ~1/64 of the 4-bit bytes), and
+    Linear4bit.forward puts it back itself (`fix_4bit_weight_quant_state_from_module`), but qlora/speed.py's fused
+    SwiGLU+down never calls Linear4bit.forward: it reads the weight's quant state, finds none and quietly takes the
+    unfused path (more memory than planned). A forward pre-hook on each block therefore puts the quant state back
+    on the gathered weights (`_restore_quant_state`; hand-written, no library does it for FSDP2).
+  * bitsandbytes' optimizers run their kernels on plain tensors and refuse DTensors ("got mixed torch.Tensor and
+    DTensor"; bitsandbytes issue #1633, axolotl refuses the combination): `shard_optimizer` gives the optimizer each
+    rank's local shards and hands it their gradients at every step. Element-wise state (32-bit Adam, and 8-bit
+    Adam's 256-element blocks wherever a shard starts on a block boundary, as every Llama-3 LoRA shard does for
+    N in 1, 2, 4, 8) gives the same update as on the whole tensor.
+
+Gradient accumulation: gradients are reduce-scattered after every micro-batch (FSDP's default), so each rank
+accumulates only its fp32 shard instead of the whole unsharded gradient (no `no_sync` as under DDP).
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+# NF4 bytes packed two to a byte, stored as bf16 pairs: FSDP2 shards float storage like any bf16 weight.
+QUANT_STORAGE = torch.bfloat16
+
+
+def offload_embeddings(base_model) -> None:
+    """Move the unquantised embeddings and lm_head to CPU until `shard` brings them back as 1/N shards.
+
+    peft creates every fp32 LoRA master before anything can be sharded: on a 40 GB card the 70B model's 4-bit blocks,
+    its 3.9 GiB of bf16 embeddings and the 3.1 GiB of LoRA masters do not fit together; without the embeddings they do.
+    """
+    base_model.get_input_embeddings().to("cpu")
+    base_model.get_output_embeddings().to("cpu")
+
+
+def _linear4bit_modules(module) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _restore_quant_state(linears):
+    """Forward pre-hook (after FSDP's own, which gathers the block): the gathered 4-bit weights get their quant state."""
+
+    def hook(_module, _args):
+        for lin in linears:
+            if getattr(lin.weight, "quant_state", None) is None:
+                lin.weight.quant_state = lin.quant_state  # the gathered weight is reused every step: set once
+
+    return hook
+
+
+def mixed_precision():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # cast_forward_inputs=False: forward_loss's autocast decides every compute dtype, as without FSDP.
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
+    """fully_shard a TrainStep(peft 4-bit LoRA model) over all ranks of the default process group, in place.
+
+    Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward);
+    the input embeddings (resharded after use: the backward never needs them); the final norm + lm_head, kept
+    gathered from the end of the forward to the start of the backward, which needs them at once (forward_loss uses
+    lm_head.weight directly, so the unit is gathered when the norm runs); then the root, whose forward is the
+    training step. Tied embeddings (one weight for input and output) make the last two one unit.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .speed import decoder_layers
+
+    if not dist.is_initialized():
+        raise RuntimeError("qlora.fsdp.shard needs torch.distributed initialised (torchrun)")
+    device = torch.device(device)
+    base = train_step.model.get_base_model()
+    for lin in _linear4bit_modules(base):
+        if lin.weight.dtype != QUANT_STORAGE:  # the one form documented for FSDP and tested here
+            raise UserError(f"4-bit weights stored as {lin.weight.dtype}: load the base to shard with "
+                            f"load_base_model(..., quant_storage=qlora.fsdp.QUANT_STORAGE)")
+        if lin.quant_state is None:  # bitsandbytes sets it when it quantises; prequantised loads may not
+            lin.quant_state = lin.weight.quant_state
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, mp_policy=mixed_precision())
+    for block in decoder_layers(base):
+        linears = _linear4bit_modules(block)
+        fully_shard(block, reshard_after_forward=True, **kw)
+        block.register_forward_pre_hook(_restore_quant_state(linears))
+    embed, head, norm = base.get_input_embeddings(), base.get_output_embeddings(), base.model.norm
+    for m in (embed, head, norm):
+        m.to(device)  # back from offload_embeddings, after the blocks shrank
+    if embed.weight is head.weight:
+        fully_shard([embed, norm, head], reshard_after_forward=False, **kw)
+    else:
+        fully_shard(embed, reshard_after_forward=True, **kw)
+        fully_shard([norm, head], reshard_after_forward=False, **kw)
+    fully_shard(train_step, **kw)
+    return train_step
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def shard_optimizer(params, build) -> torch.optim.Optimizer:
+    """`build(tensors)` (e.g. bitsandbytes' PagedAdamW8bit) over this rank's local shards of the DTensor `params`.
+
+    Hooks on the returned optimizer give it the local shards of the (reduce-scattered, clipped) gradients before
+    each step and drop both after it, so the next step starts from empty gradients as after zero_grad.
+    """
+    params = list(params)
+    with torch.no_grad():  # to_local() without grad is the shard itself (its storage), not a differentiable view
+        shards = [p.to_local() for p in params]
+    optimizer = build(shards)
+
+    def hand_over_gradients(_optimizer, _args, _kwargs):
+        with torch.no_grad():
+            for p, s in zip(params, shards):
+                s.grad = None if p.grad is None else p.grad.to_local()
+
+    def drop_gradients(_optimizer, _args, _kwargs):
+        for p, s in zip(params, shards):
+            p.grad = s.grad = None
+
+    optimizer.register_step_pre_hook(hand_over_gradients)
+    optimizer.register_step_post_hook(drop_gradients)
+    return optimizer
+
+
+def gather_lora_state(peft_model) -> dict:
+    """The whole LoRA weights (fp32, on CPU) on rank 0, {} elsewhere; a collective: every rank calls it.
+
+    Only the trainable weights are gathered (a few GiB at most); the frozen base stays sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(peft_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=True))
+
+
+def save_adapter(peft_model, out_dir, *, is_main: bool) -> None:
+    """A normal PEFT adapter (adapter_config.json + one adapter_model.safetensors) from a sharded model.
+
+    Collective (the gather); only rank 0 writes. Loadable by PeftModel.from_pretrained and predict.py.
+    """
+    state = gather_lora_state(peft_model)
+    if is_main:
+        peft_model.save_pretrained(str(out_dir), state_dict=state)
+
+
+def even_eval_batches(batches: list[dict], per_rank: int, filler: dict) -> list[dict]:
+    """This rank's evaluation micro-batches, padded to `per_rank` with copies of `filler` that carry no label.
+
+    Every forward under FSDP gathers weights with all ranks, so every rank must run as many forwards as the others;
+    qlora.data.eval_micro_batches deals batches round-robin, which leaves some ranks one short. A filler's labels
+    are all -100: it adds nothing to the summed loss or the label count.
+    """
+    import numpy as np
+
+    blank = dict(filler, labels=np.full_like(filler["labels"], -100))
+    return list(batches) + [blank] * (per_rank - len(batches))

@@ -1,0 +1,188 @@
+"""Test harness for qlora/fsdp.py: a few optimizer steps of finetune.py's step, one process or N under FSDP2.
+
+    python tests/fsdp_driver.py --model M --data D --out OUT --steps 5 --grad-accum 2          (one process)
+    torchrun --nproc_per_node 2 tests/fsdp_driver.py --model M --data D --out OUT --steps 5     (FSDP, gloo)
+
+Not a trainer: it runs exactly the pieces finetune.py's loop is made of (qlora.data's per-rank micro-batches,
+qlora.model's load_base_model / apply_lora / TrainStep, loss scaled by world / label tokens of the global batch,
+gradient clipping, bitsandbytes' 8-bit AdamW, a warm-up LambdaLR, qlora.checkpoint's save and load) so that tests
+can compare one process with N sharded ones on the same rows. Writes OUT/result.json (per-step losses, peak memory,
+tokens/s) and OUT/adapter (the gathered LoRA as a PEFT adapter); --save-at STEP writes a checkpoint into
+OUT/checkpoints, --resume CKPT continues from one.
+
+--device cuda --same-gpu puts every rank on cuda:0 (gloo carries the collectives: NCCL refuses two ranks on one GPU),
+the GPU equality check of bench/device_run.sh's fsdp phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--micro-batch-size", type=int, default=1)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-8bit-size", type=int, default=512,
+                    help="bitsandbytes keeps tensors smaller than this in 32-bit state; 512 puts the tiny model's "
+                         "LoRA shards on the 8-bit path too")
+    ap.add_argument("--save-at", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--same-gpu", action="store_true", help="every rank on cuda:0")
+    ap.add_argument("--kernels", default="none", choices=["none", "liger"])
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--checkpoint-layers", type=int, default=-1)
+    args = ap.parse_args()
+
+    import bitsandbytes as bnb
+    import torch.distributed as dist
+
+    from qlora import fsdp
+    from qlora.checkpoint import (capture_rng, load_checkpoint, load_sharded_checkpoint, read_trainer_state,
+                                  save_checkpoint, save_sharded_checkpoint)
+    from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
+    from qlora.loss import count_label_tokens
+    from qlora.model import TrainStep, apply_lora, load_base_model
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.device == "cuda":
+        device = torch.device("cuda", 0 if args.same_gpu else int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    sharded = world > 1
+    if sharded:
+        dist.init_process_group("gloo")
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def all_reduce_sum(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        if sharded:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    meta = read_metadata(args.data)
+    rows = PackedShards(args.data, "train", meta)
+    order = StreamOrder(rows, seed=args.seed)
+    rows_per_step = args.micro_batch_size * args.grad_accum * world
+
+    torch.manual_seed(args.seed)
+    base = load_base_model(args.model, attn_implementation=args.attn, device=device,
+                           quant_storage=fsdp.QUANT_STORAGE if sharded else torch.uint8)
+    if sharded:
+        fsdp.offload_embeddings(base)
+    model = apply_lora(base, r=args.lora_r, alpha=16, seed=args.seed, checkpoint_layers=args.checkpoint_layers,
+                       kernels=args.kernels)
+    step_fn = TrainStep(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def build(params):
+        return bnb.optim.PagedAdamW8bit(params, lr=args.lr, min_8bit_size=args.min_8bit_size)
+
+    if sharded:
+        step_fn = fsdp.shard(step_fn, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # now DTensors
+        optimizer = fsdp.shard_optimizer(trainable, build)
+    else:
+        optimizer = build(trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
+    if device.type == "cuda":  # loading (the whole 4-bit model, before sharding) apart from training
+        load_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        after_load = torch.cuda.memory_allocated(device)
+
+    step, rows_consumed = 0, 0
+    if args.resume:
+        load = load_sharded_checkpoint if sharded else load_checkpoint
+        state = load(args.resume, peft_model=model, optimizer=optimizer, scheduler=scheduler, rank=rank,
+                     **({"world_size": world} if sharded else {}))
+        step, rows_consumed = state["step"], state["rows_consumed"]
+
+    losses, times = {}, []
+    while step < args.steps:
+        t0 = time.perf_counter()
+        micro = step_micro_batches(order, rows_consumed, args.micro_batch_size, args.grad_accum, rank, world)
+        local_labels = sum(count_label_tokens(torch.from_numpy(b["labels"]), torch.from_numpy(b["position_ids"]))
+                           for b in micro)
+        (global_labels,) = all_reduce_sum([local_labels])
+        scale = world / max(global_labels, 1.0)  # FSDP's reduce-scatter averages over ranks, as DDP's all-reduce
+        local_loss = 0.0
+        for mb in micro:
+            loss_sum, _ = step_fn(**{k: torch.from_numpy(v).to(device) for k, v in mb.items()})
+            (loss_sum * scale).backward()
+            local_loss += float(loss_sum.detach())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        rows_consumed += rows_per_step
+        (total_loss,) = all_reduce_sum([local_loss])
+        losses[step] = total_loss / max(global_labels, 1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if args.save_at and step == args.save_at:
+            rng = [capture_rng()]
+            if sharded:
+                rng = [None] * world
+                dist.all_gather_object(rng, capture_rng())
+            trainer_state = {"rows_consumed": rows_consumed, "world_size": world, "loss": losses[step]}
+            if sharded:
+                save_sharded_checkpoint(out, step, peft_model=model, optimizer=optimizer,
+                                        scheduler=scheduler, trainer_state=trainer_state, rng_states=rng, keep=2,
+                                        rank=rank)
+            else:
+                save_checkpoint(out, step, peft_model=model, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state=trainer_state, rng_states=rng, keep=2)
+
+    if sharded:
+        fsdp.save_adapter(model, out / "adapter", is_main=rank == 0)
+    else:
+        model.save_pretrained(str(out / "adapter"))
+    mem = {}
+    if device.type == "cuda":
+        mem = {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+               "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+               "load_peak_allocated_gib": load_peak / 2**30, "after_load_allocated_gib": after_load / 2**30}
+    per_rank = [mem]
+    if sharded:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mem)
+    if rank == 0:
+        seq = int(meta["max_len"])
+        timed = times[1:] or times  # the first step compiles kernels and warms the allocator
+        (out / "result.json").write_text(json.dumps({
+            "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": per_rank,
+            "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
+            "resumed_from": args.resume}, indent=2) + "\n")
+    if sharded:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
