@@ -352,10 +352,10 @@ def main(argv=None) -> int:
         raise UserError("--merge-to needs the unquantised bf16 base: drop --quantize nf4 (it loads with --quantize none)")
     if args.merge_to and args.adapter.lower() == "none":
         raise UserError("--merge-to needs an adapter to merge (--adapter none given)")
-    if args.gpu_memory_gib is not None and (args.gpu_memory_gib <= 0 or args.decode == "plain"):
-        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: plans --decode continuous's batch; give a size "
-                        f"> 0 and no --decode plain")
     device = resolve_device(args.device)
+    if args.gpu_memory_gib is not None and (args.gpu_memory_gib <= 0 or args.decode == "plain" or device == "cpu"):
+        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: plans the GPU memory of --decode continuous; give "
+                        f"a size > 0, on a GPU, without --decode plain")
     quantize = "none" if args.merge_to else (args.quantize or "nf4")
     model_dir = Path(args.model)
     from qlora.model import validate_model_dir
