@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -409,7 +408,7 @@ def main(argv=None) -> int:
         if plan.dequantize:
             # Before any forward: on CPU bitsandbytes repacks 4-bit weights for its inference kernel at the first
             # forward, and those no longer dequantise to the trained weights.
-            model = model.dequantize()
+            model = model.dequantize(dtype=model.get_input_embeddings().weight.dtype)
     if adapter is not None:
         from peft import PeftModel
 
@@ -430,12 +429,9 @@ def main(argv=None) -> int:
                 "adapter": "none" if adapter is None else ("unmerged" if four_bit or not continuous else "merged")}
     decoder = None
     if continuous:
-        slots = decoding.plan_slots_now(model, plan, device=torch.device(device), sequences=sequences,
-                                        max_len=max_len)
-        steps = math.ceil(sequences / slots) * args.max_new_tokens
-        use_graph = torch.device(device).type == "cuda" and not four_bit and steps >= decoding.GRAPH_MIN_STEPS
-        decoder = decoding.SlotDecoder(model, slots=min(slots, sequences), max_len=max_len, use_graph=use_graph)
-        settings.update(batch_size=decoder.slots, cuda_graph=use_graph)
+        decoder = decoding.make_decoder(model, plan, device=torch.device(device), sequences=sequences,
+                                        max_len=max_len, max_new_tokens=args.max_new_tokens)
+        settings.update(batch_size=decoder.slots, cuda_graph=decoder.graph is not None)
     else:
         settings.update(batch_size=sampling.batch_size * args.num_samples)
     print(f"decoding {sequences} sequence(s): {', '.join(f'{k} {v}' for k, v in settings.items())}", file=sys.stderr)

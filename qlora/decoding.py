@@ -142,7 +142,7 @@ def plan_slots(budget_bytes: float, weights_bytes: float, transient_bytes: float
 
 @dataclass
 class DecodePlan:
-    dequantize: bool  # turn 4-bit weights into bf16 (the compute dtype) before decoding
+    dequantize: bool  # turn 4-bit weights into the compute dtype (the embedding's) before decoding
     slots: int | None  # sequences decoded at once; None: plan them once the model is final (plan_slots_now)
     budget_bytes: float | None = None  # CUDA only
 
@@ -280,6 +280,17 @@ class SlotDecoder:
             self.cache.prefill_into = None
         self.cache.lengths[slots_t] = lengths[rows_t]
         return self.base.get_output_embeddings()(hidden[rows_t, lengths[rows_t] - 1])
+
+
+def make_decoder(model, plan: DecodePlan, *, device: torch.device, sequences: int, max_len: int,
+                 max_new_tokens: int) -> SlotDecoder:
+    """predict.py's decoder for the model as it will decode: slots from the plan (plan_slots_now), a CUDA graph on
+    GPU unless the weights are 4-bit (bitsandbytes' 4-bit layers are not recorded) or too few steps would follow to
+    pay for recording it."""
+    slots = plan_slots_now(model, plan, device=device, sequences=sequences, max_len=max_len)
+    steps = math.ceil(sequences / slots) * max_new_tokens
+    use_graph = device.type == "cuda" and not is_four_bit(model) and steps >= GRAPH_MIN_STEPS
+    return SlotDecoder(model, slots=min(slots, sequences), max_len=max_len, use_graph=use_graph)
 
 
 class TokenChooser:
