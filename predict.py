@@ -469,16 +469,20 @@ def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, d
         summary.reference_loss_seconds = time.perf_counter() - summary.started
         summary.restart()
     rows = []
+    # The bar counts the token budget (samples x --max-new-tokens): every step advances it and an answer that ends
+    # early gives back the rest of its budget at once, so the ETA holds whether answers run long or stop early.
     total = len(records) * sampling.num_samples
-    bar = tqdm(total=total, unit="sample", desc="generating", disable=total <= 1, file=sys.stderr,
-               dynamic_ncols=True)
-    new_tokens = 0
+    bar = tqdm(total=total * sampling.max_new_tokens, desc="generating", disable=total <= 1, file=sys.stderr,
+               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    done = new_tokens = 0
 
-    def progress(n_samples, n_tokens):
-        nonlocal new_tokens
+    def progress(n_samples, n_tokens, n_budget):
+        nonlocal done, new_tokens
+        done += n_samples
         new_tokens += n_tokens
-        bar.update(n_samples)
-        bar.set_postfix_str(f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f} new tokens/s", refresh=False)
+        bar.set_postfix_str(f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f} new tokens/s, "
+                            f"{done}/{total} samples", refresh=False)
+        bar.update(n_budget)
 
     if decoder is not None:
         from qlora.decoding import generate_continuous

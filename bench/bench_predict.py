@@ -1,7 +1,7 @@
 """predict.py's speed on the Llama-3-8B shape (issue 9): today's path beside continuous batching, in one process.
 
-    python bench/bench_predict.py --model /tmp/llama3-8b-random --out $OUT/predict.json     (bash bench/device_run.sh predict)
-    python bench/bench_predict.py --model TINY --out /tmp/p.json --device cpu --prompts 8 --new-tokens 8   (smoke test)
+    python bench/bench_predict.py --model /tmp/llama3-8b-random --out $OUT/predict.json   (device_run.sh predict)
+    python bench/bench_predict.py --model TINY --out /tmp/p.json --device cpu --prompts 8 --new-tokens 8   (smoke)
 
 Workload (the issue's): 128 plain prompts of 40-120 words, 64 new tokens, greedy, --adapter none and a random non-zero
 LoRA adapter (r=64 on the seven projections). Random weights never emit an end token, so every answer runs to 64;

@@ -122,12 +122,12 @@ case "$PHASE" in
     ;;
   predict)
     # issue 9: predict.py today vs continuous batching on the 8B shape (bench/bench_predict.py writes predict.json
-    # row by row and prints a table), then the GPU decoding test on a small model. ~7 minutes on an H200.
+    # row by row and prints a table), then the GPU decoding test on a small model. At most ~9 minutes with the checkpoint build.
     build_ckpt
-    timeout 420 python3 bench/bench_predict.py --model $CKPT --out "$OUT/predict.json" 2>&1 \
+    timeout 360 python3 bench/bench_predict.py --model $CKPT --out "$OUT/predict.json" 2>&1 \
       | grep --line-buffered -v -E "Loading weights|generating:"
     stamp "bench_predict done"
-    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k continuous_decoding -s 2>&1 \
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k continuous_decoding -s 2>&1 \
       | tail -15 > "$OUT/gpu_tests.txt"
     cat "$OUT/gpu_tests.txt"; stamp "gpu decoding test done"
     ;;

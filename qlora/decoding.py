@@ -110,9 +110,9 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def bytes_per_slot(config, max_len: int, dtype_bytes: int) -> int:
-    """KV cache of one sequence, its logits (model dtype, plus fp32 scores, probabilities and the top-p sort when
-    sampling) and its activations in a decode step."""
-    logits = config.vocab_size * (dtype_bytes + 16)
+    """KV cache of one sequence, its logits (the model's, and when sampling fp32 scores and probabilities and top-p's
+    sorted copy with int64 indices: 32 bytes a vocabulary entry) and its activations in a decode step."""
+    logits = config.vocab_size * (dtype_bytes + 32)
     activations = (10 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
     return kv_bytes_per_token(config, dtype_bytes) * max_len + logits + activations
 
@@ -328,13 +328,15 @@ class _Sequence:
 
 
 def generate_continuous(decoder: SlotDecoder, tokenizer, records: list[PromptRecord], cfg: SamplingConfig,
-                        progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
+                        progress: Callable[[int, int, int], None] | None = None) -> Iterator[Sample]:
     """Samples for every record (--num-samples each), yielded as they finish.
 
     Prompts enter longest first (similar lengths share a prefill forward). A finished sequence frees its slot; once
     1/REFILL_FRACTION of the slots are free (or nothing runs) the next prompts are prefilled into them.
-    `progress(samples_done, new_tokens)` is called for every finished sample.
+    `progress(samples_done, new_tokens, budget_tokens)` is called for every step (a token and its budget for each
+    running sequence) and every finished sample (the budget of max_new_tokens it did not use).
     """
+    progress = progress or (lambda samples, tokens, budget: None)
     cfg.validate()
     encoded = encode_prompts(tokenizer, records)
     if slot_length([len(e) for e in encoded], cfg.max_new_tokens) > decoder.max_len:
@@ -362,8 +364,7 @@ def generate_continuous(decoder: SlotDecoder, tokenizer, records: list[PromptRec
         # clean_up_tokenization_spaces=False: "a ." must stay "a ." for the mapping back to hand tokens.
         text = tokenizer.decode(seq.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         finished.append(Sample(records[seq.record], seq.sample, seq.tokens, text, reason))
-        if progress is not None:
-            progress(1, len(seq.tokens) + (reason == "stop"))
+        progress(1, 0, cfg.max_new_tokens - len(seq.tokens) - (reason == "stop"))
 
     def admit() -> None:
         """Prefill the next waiting sequences into the free slots, at most BATCH_TOKENS padded tokens a forward;
@@ -382,6 +383,7 @@ def generate_continuous(decoder: SlotDecoder, tokenizer, records: list[PromptRec
             slots_t = torch.tensor(slots, device=decoder.device)
             decoder.tokens[slots_t] = first
             decoder.active[slots_t] = 1
+            progress(0, len(slots), len(slots))
             for slot, (_, rec, sample), token in zip(slots, entering, first.tolist()):
                 running[slot] = _Sequence(rec, sample, [])
                 advance(slot, running[slot], token)
@@ -393,6 +395,7 @@ def generate_continuous(decoder: SlotDecoder, tokenizer, records: list[PromptRec
             else:
                 chosen = choose(decoder.step())
                 tokens = chosen.tolist()
+                progress(0, len(running), len(running))
                 for slot in list(running):
                     advance(slot, running[slot], tokens[slot])
                 decoder.tokens.copy_(chosen)

@@ -203,12 +203,13 @@ def cut_at_stop(ids: list[int]) -> tuple[list[int], str]:
 
 
 def generate(model, tokenizer, records: list[PromptRecord], cfg: SamplingConfig,
-             progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
+             progress: Callable[[int, int, int], None] | None = None) -> Iterator[Sample]:
     """Samples for every record, in input order within each batch.
 
     Prompts are sorted by length before batching (less padding, fewer wasted positions) and batches are yielded
     in that order; each Sample carries its record. The seed is set once: the same inputs, batch size and seed give
-    the same samples. `progress(samples_done, new_tokens)` is called after each batch.
+    the same samples. `progress(samples_done, new_tokens, budget_tokens)` is called after each batch (the budget is
+samples x max_new_tokens: a batch uses all of its rows').
     """
     import torch
 
@@ -250,7 +251,7 @@ def _generate(model, tokenizer, records, cfg, gen_cfg, device, progress):
             text = tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             yield Sample(records[rec_i], sample_i, token_ids, text, reason)
         if progress is not None:
-            progress(len(new), n_tokens)
+            progress(len(new), n_tokens, len(new) * cfg.max_new_tokens)
 
 
 def reference_text(record: PromptRecord, joiner: str) -> str:

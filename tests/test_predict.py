@@ -498,8 +498,8 @@ def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp
         ([*m, *a, "--prompt", "C4", "--num-samples", 2], "needs --temperature > 0"),
         ([*m, *a, "--prompt", "C4", "--prefix-tokens", 0], "--prefix-tokens must be >= 1"),
         ([*m, *a, "--prompt", "C4", "--format", "plain", "--system-prompt", "s"], "chat prompts only"),
-        ([*m, *a, "--prompt", "C4", "--gpu-memory-gib", 40, "--device", "cpu"], "--gpu-memory-gib 40.0: plans the GPU memory of "
-                                                             "--decode continuous; give a size > 0, on a GPU"),
+        ([*m, *a, "--prompt", "C4", "--gpu-memory-gib", 40, "--device", "cpu"],
+         "--gpu-memory-gib 40.0: plans the GPU memory of --decode continuous; give a size > 0, on a GPU"),
         ([*m, *a, "--prompt", "C4", "--batch-size", 0], "--batch-size must be >= 1"),
     ]
     for argv, msg in cases:
