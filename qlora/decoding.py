@@ -2,15 +2,15 @@
 per step, and a finished sequence's slot handed to the next prompt at once.
 
 Why this is written here and not taken from transformers (5.17, the cluster's, to 5.23):
-  * generate() decodes a fixed batch until its longest answer ends, and spends ~15 ms of Python a step even with
-    cache_implementation="static" (4,072 new tokens/s on an H200 at batch 64, after a 53 s compile);
+  * generate() decodes a fixed batch until its longest answer ends, and takes ~16 ms a step at batch 64 even with
+    cache_implementation="static" (4,072 new tokens/s measured on an H200, after a 53 s compile);
   * its continuous batching (generate_batch) packs all sequences of a step into one row with paged attention: without
     flash-attn (which cannot be installed on the cluster) it attends through sdpa with a mask over every query/key
     pair of the step, which grows with the square of the batch.
 Here the model's own forward runs unchanged (transformers' LlamaForCausalLM, or peft's wrapper of it); only the cache
 it writes to (SlotCache), the mask it is given and the attention of a single query token (slot_attention) are ours.
-On CUDA one decode step is recorded once as a CUDA graph and replayed (torch.cuda.CUDAGraph): the ~1,500 kernel
-launches of a step cost one launch, and recording takes about as long as a few eager steps, not a compile.
+On CUDA one decode step is recorded once as a CUDA graph and replayed (torch.cuda.CUDAGraph): the thousand-odd
+kernel launches of a step cost one, and recording takes about as long as a few eager steps, not a compile.
 
 Same answers: a slot holds a sequence exactly as it would sit alone (positions 0..n-1, no padding), so greedy
 decoding gives the tokens of generate() on left-padded batches up to floating-point summation order (tests compare
@@ -290,7 +290,13 @@ def make_decoder(model, plan: DecodePlan, *, device: torch.device, sequences: in
     slots = plan_slots_now(model, plan, device=device, sequences=sequences, max_len=max_len)
     steps = math.ceil(sequences / slots) * max_new_tokens
     use_graph = device.type == "cuda" and not is_four_bit(model) and steps >= GRAPH_MIN_STEPS
-    return SlotDecoder(model, slots=min(slots, sequences), max_len=max_len, use_graph=use_graph)
+    slots = min(slots, sequences)
+    try:
+        return SlotDecoder(model, slots=slots, max_len=max_len, use_graph=use_graph)
+    except torch.cuda.OutOfMemoryError:
+        what = "--batch-size" if plan.slots is not None else "the batch planned from the free memory"
+        raise UserError(f"{what}: {slots} sequences of {max_len} tokens do not fit in GPU memory; give a smaller "
+                        f"--batch-size") from None
 
 
 class TokenChooser:
