@@ -1,8 +1,9 @@
 """qlora/decoding.py (predict.py's continuous batching) on CPU, against transformers' generate() (--decode plain).
 
 Token-for-token comparisons run the tiny model in fp32: in bf16 the summation order, which differs with the padding
-side and the batch shape, flips near-ties of a random model now and then (measured on this model: 1-2 of 12 greedy
-answers differ between the two paths in bf16, none in fp32). The GPU check of the same property on the 8B shape is
+side and the batch shape, flips near-ties of a random model now and then (measured on these prompts with this kind of
+model: up to 2 of 12 greedy answers differ between the two paths in bf16 as between generate() batches of two sizes,
+none in fp32). The GPU check of the same property on the 8B shape is
 bench/bench_predict.py; tests/test_gpu.py compares the CUDA graph with eager decoding.
 """
 from __future__ import annotations
