@@ -349,8 +349,8 @@ def print_table(rows: list[dict]) -> None:
                  r.get("identical_to_today", ""), r.get("peak_reserved_gib", "")]
         print(f"| {r['name']} | " + " | ".join(str(c) for c in cells) + " |")
     for r in rows:
-        if "tokens_per_s" not in r and "error" not in r and r["name"] != "workload":
-            print(f"{r['name']}: {r.get('seconds')} s")
+        if "tokens_per_s" not in r and "error" not in r:
+            print(f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "name"))
 
 
 if __name__ == "__main__":
