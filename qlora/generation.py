@@ -4,8 +4,9 @@ Used by predict.py. Three pieces:
   * prompts: from --prompt, or a JSONL file (the validation.jsonl of data_processing.py, or {"prompt": ...} lines),
     formatted with the same qlora.llama3 helpers data_processing.py used, so the token ids the model sees are the
     training ids up to the first response token (tests/test_predict.py checks this against data_processing's output);
-  * generation: transformers' generate() on left-padded batches (a decoder continues from the LAST position, so
-    padding has to sit on the left), stopping at <|eot_id|> or <|end_of_text|>;
+  * generation (predict.py --decode plain): transformers' generate() on left-padded batches (a decoder continues
+    from the LAST position, so padding has to sit on the left), stopping at <|eot_id|> or <|end_of_text|>; the
+    default continuous batching is qlora/decoding.py, which takes its prompts, samples and stop tokens from here;
   * scoring: completion text -> hand-vocab ids through HandVocab.text_to_ids; exact match and token accuracy
     against the reference response, pieces that are not vocabulary tokens counted as wrong, never dropped.
 """
@@ -23,6 +24,8 @@ from .llama3 import BOS, END_OF_TEXT_ID, EOT, EOT_ID, EOT_TEXT, PAD_ID, format_c
 
 STOP_IDS = (EOT_ID, END_OF_TEXT_ID)
 FORMATS = ("chat", "plain")
+BATCH_TOKENS = 8192  # padded tokens per forward over many prompts (a prefill, a reference-loss batch): large GEMMs,
+#                      ~1.4 GB of activations on Llama-3-8B
 
 
 @dataclass
@@ -200,12 +203,13 @@ def cut_at_stop(ids: list[int]) -> tuple[list[int], str]:
 
 
 def generate(model, tokenizer, records: list[PromptRecord], cfg: SamplingConfig,
-             progress: Callable[[int, int], None] | None = None) -> Iterator[Sample]:
+             progress: Callable[[int, int, int], None] | None = None) -> Iterator[Sample]:
     """Samples for every record, in input order within each batch.
 
     Prompts are sorted by length before batching (less padding, fewer wasted positions) and batches are yielded
     in that order; each Sample carries its record. The seed is set once: the same inputs, batch size and seed give
-    the same samples. `progress(prompts_done, new_tokens)` is called after each batch.
+    the same samples. `progress(samples_done, new_tokens, budget_tokens)` is called after each batch (the budget is
+samples x max_new_tokens: a batch uses all of its rows').
     """
     import torch
 
@@ -247,7 +251,7 @@ def _generate(model, tokenizer, records, cfg, gen_cfg, device, progress):
             text = tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             yield Sample(records[rec_i], sample_i, token_ids, text, reason)
         if progress is not None:
-            progress(len(idx), n_tokens)
+            progress(len(new), n_tokens, len(new) * cfg.max_new_tokens)
 
 
 def reference_text(record: PromptRecord, joiner: str) -> str:
@@ -257,17 +261,22 @@ def reference_text(record: PromptRecord, joiner: str) -> str:
     return (joiner if record.prompt else "") + record.reference + EOT_TEXT
 
 
-def reference_losses(model, tokenizer, records: list[PromptRecord], joiner: str, batch_size: int = 8):
+def reference_losses(model, tokenizer, records: list[PromptRecord], joiner: str, max_tokens: int = BATCH_TOKENS):
     """Teacher-forced cross-entropy of each record's reference answer (+ end token) given its prompt.
 
     Returns [(sum of token losses, number of tokens)] per record (None where there is no reference). For chat
     data these are exactly the tokens finetune.py's validation loss is computed on (the assistant turn and its
     <|eot_id|>), so sum/sum over a validation set is comparable to finetune's val_loss, and it can be measured
-    for the untrained base too (--adapter none). Right-padded batches: positions are then 0..n-1 without help.
+    for the untrained base too (--adapter none). Right-padded batches (positions are then 0..n-1 without help) of
+    at most `max_tokens` padded tokens, longest first; the lm_head and loss run a chunk of tokens at a time
+    (qlora.loss), so no [rows x length x vocabulary] logits tensor is ever made.
     """
     import torch
 
-    device = next(model.parameters()).device
+    from .loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = base.get_input_embeddings().weight.device
     out: list[tuple[float, int] | None] = [None] * len(records)
     todo = []
     for i, r in enumerate(records):
@@ -279,23 +288,24 @@ def reference_losses(model, tokenizer, records: list[PromptRecord], joiner: str,
         n_prompt = len(prompt_ids) if full[:len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
         todo.append((i, full, n_prompt))
     todo.sort(key=lambda t: -len(t[1]))
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        width = max(len(f) for _, f, _ in chunk)
+    start = 0
+    while start < len(todo):
+        width = len(todo[start][1])
+        chunk = todo[start:start + max(1, max_tokens // width)]
+        start += len(chunk)
         ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         for row, (_, full, n_prompt) in enumerate(chunk):
             ids[row, :len(full)] = torch.tensor(full)
             mask[row, :len(full)] = 1
             labels[row, n_prompt:len(full)] = torch.tensor(full[n_prompt:])
+        targets = shift_labels(labels).to(device)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100,
-                                                reduction="none")
-        counted = (labels[:, 1:] != -100).sum(1)
-        for row, (i, _, _) in enumerate(chunk):
-            out[i] = (float(nll[row].sum()), int(counted[row]))
+            hidden = base.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for row, (i, _, _) in enumerate(chunk):
+                nll = linear_cross_entropy_sum(hidden[row], base.get_output_embeddings().weight, targets[row])
+                out[i] = (float(nll), int((targets[row] != IGNORE_INDEX).sum()))
     return out
 
 
@@ -344,8 +354,17 @@ class EvalSummary:
     loss_tokens: int = 0
     stopped: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    startup_seconds: float = 0.0  # before the first token: load, dequantise, merge, CUDA graph (predict.py)
+    reference_loss_seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # how it decoded (predict.py): decode, weights, batch size, ...
+    started: float = field(default_factory=time.perf_counter)  # generation's start (restart() after --eval's loss)
+    seconds: float | None = None  # generation's wall time, fixed by stop()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds = time.perf_counter() - self.started
 
     def add(self, sample: Sample, unknown: list[str] | None, exact: bool | None, acc: float | None) -> None:
         self.samples += 1
@@ -358,21 +377,24 @@ class EvalSummary:
             self.token_accuracy_sum += acc
 
     def as_dict(self) -> dict:
-        seconds = time.perf_counter() - self.started
+        seconds = self.seconds if self.seconds is not None else time.perf_counter() - self.started
         d = {"samples": self.samples, "stopped": self.stopped, "new_tokens": self.new_tokens,
              "seconds": round(seconds, 2), "tokens_per_s": round(self.new_tokens / max(seconds, 1e-9), 1),
-             "with_unknown_pieces": self.with_unknown}
+             "startup_seconds": round(self.startup_seconds, 2), "with_unknown_pieces": self.with_unknown,
+             **self.settings}
         if self.scored:
             d.update(scored=self.scored, exact_match=self.exact / self.scored,
                      token_accuracy=self.token_accuracy_sum / self.scored)
         if self.loss_tokens:
-            d.update(reference_loss=self.loss_sum / self.loss_tokens, reference_tokens=self.loss_tokens)
+            d.update(reference_loss=self.loss_sum / self.loss_tokens, reference_tokens=self.loss_tokens,
+                     reference_loss_seconds=round(self.reference_loss_seconds, 2))
         return d
 
     def line(self) -> str:
         d = self.as_dict()
         s = (f"{d['samples']} samples, {d['stopped']} stopped at an end token, {d['new_tokens']} new tokens in "
-             f"{d['seconds']:.1f}s ({d['tokens_per_s']:.0f} tokens/s), {d['with_unknown_pieces']} with unknown pieces")
+             f"{d['seconds']:.1f}s ({d['tokens_per_s']:.0f} tokens/s; startup {d['startup_seconds']:.1f}s), "
+             f"{d['with_unknown_pieces']} with unknown pieces")
         if self.scored:
             s += f"; exact match {d['exact_match']:.4f}, token accuracy {d['token_accuracy']:.4f} over {d['scored']} scored"
         if self.loss_tokens:

@@ -41,3 +41,21 @@ def finetune_task_data(tmp_path_factory, tiny_model_dir):
     from shard_fixtures import pretokenized_task
 
     return pretokenized_task(tmp_path_factory.mktemp("ft_task"), tiny_model_dir, n_train=48, n_val=8, max_len=64)
+
+
+@pytest.fixture(scope="session")
+def stopping_model_dir(tmp_path_factory):
+    """Tiny untied model (weights std 0.1, so greedy answers depend on the prompt) whose <|eot_id|> row of the lm_head
+    is scaled x3: greedy answers end at <|eot_id|> after 0 to ~11 tokens or run to the limit, a stop rule that lives
+    in the weights, so every decoding path sees it (continuous batching's tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora.llama3 import EOT_ID
+
+    out = build_tiny_llama3(tmp_path_factory.mktemp("stopping") / "model", init_std=0.1, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight[EOT_ID] *= 3
+    model.save_pretrained(out, safe_serialization=True)
+    return out

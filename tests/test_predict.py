@@ -2,7 +2,9 @@
 
 Covers: prompts formatted exactly as data_processing.py wrote them (token ids compared), left padding giving the
 same greedy output as one prompt at a time, stop tokens, the mapping back to hand ids and its scoring, the
---merge-to output (loads without peft, same logits as base + adapter), sampling flags, and every one-line error.
+--merge-to output (loads without peft, same logits as base + adapter), NF4 dequantised once being the trained
+function, the default continuous decoding giving --decode plain's rows, sampling flags, and every one-line error.
+qlora/decoding.py's own tests (token-for-token equality, slot refill, memory plan) are tests/test_decoding.py.
 """
 from __future__ import annotations
 
@@ -315,6 +317,29 @@ def test_cli_writes_mapped_and_scored_jsonl(tiny_model_dir, adapter_dir, vocab_f
     assert s["samples"] == 4 and s["scored"] == 3
     assert s["exact_match"] == sum(r["exact_match"] for r in rows[:3]) / 3
     assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary file left
+    # how it decoded: the defaults (continuous batching of NF4 dequantised once, adapter merged), --batch-size 2
+    assert (s["decode"], s["weights"], s["adapter"], s["batch_size"], s["cuda_graph"]) == (
+        "continuous", "nf4 dequantized to bfloat16", "merged", 2, False)
+    assert s["startup_seconds"] > 0 and s["tokens_per_s"] > 0 and s["reference_loss_seconds"] > 0
+
+
+def test_cli_continuous_and_plain_decoding_give_the_same_answers(stopping_model_dir, tmp_path):
+    """predict.py's default decoding and --decode plain (generate()), same bf16 weights and batch size: the same
+    rows, answers ending at <|eot_id|> at mixed lengths included. (A different batch size can flip a bf16 near-tie
+    of this random model in either path; qlora/decoding.py's tests compare token for token in fp32.)"""
+    inp = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": p, "format": f} for p in PROMPTS + ["A4 B4 C4", "D4"]
+                                               for f in ("chat", "plain")])
+    common = ["--model", stopping_model_dir, "--adapter", "none", "--input", inp, "--max-new-tokens", 12,
+              "--quantize", "none", "--batch-size", 8]
+    rows = {}
+    for decode in ("continuous", "plain"):
+        out, summ = tmp_path / f"{decode}.jsonl", tmp_path / f"{decode}.json"
+        assert _run(*common, "--decode", decode, "--output", out, "--summary", summ) == 0
+        rows[decode] = [json.loads(x) for x in out.read_text().splitlines()]
+        s = json.loads(summ.read_text())
+        assert (s["decode"], s["weights"], s["adapter"], s["batch_size"]) == (decode, "bfloat16", "none", 8)
+    assert rows["continuous"] == rows["plain"] and len(rows["plain"]) == 12
+    assert {r["stop_reason"] for r in rows["plain"]} == {"stop", "length"}  # control: mixed lengths
 
 
 def test_cli_adapter_none_and_run_dir_and_stdout(tiny_model_dir, adapter_dir, tmp_path, capsys):
@@ -392,6 +417,36 @@ def test_merge_to_loads_without_peft_and_matches(tiny_model_dir, adapter_dir, tm
     assert (b - c).abs().max() > 0.2  # the adapter really changes the model, so the comparison means something
 
 
+def test_dequantized_nf4_is_the_trained_function(tiny_model_dir, adapter_dir):
+    """The default decoder's weights: NF4 dequantised once is exactly what every training matmul computes with
+    (bitsandbytes dequantises, then a bf16 matmul), and merging the adapter into them changes the result only by one
+    bf16 rounding of each merged weight (tolerances as test_merge_to_loads_without_peft_and_matches)."""
+    from peft import PeftModel
+
+    from qlora.model import load_base_model
+
+    def training_kernel(model):  # the Linear4bit path training runs (not bitsandbytes' CPU inference kernel)
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        return model
+
+    x = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(0))
+    nf4 = training_kernel(load_base_model(tiny_model_dir, quantize="nf4", device="cpu")).eval()
+    dequantized = load_base_model(tiny_model_dir, quantize="nf4", device="cpu").dequantize().eval()
+    with torch.no_grad():
+        assert torch.equal(nf4(x).logits, dequantized(x).logits)
+    trained = PeftModel.from_pretrained(nf4, str(adapter_dir)).eval()
+    merged = PeftModel.from_pretrained(dequantized, str(adapter_dir)).merge_and_unload().eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        a, b = merged(x).logits.float(), trained(x).logits.float()
+        base = load_base_model(tiny_model_dir, quantize="nf4", device="cpu").dequantize().eval()(x).logits.float()
+    assert (a - b).abs().max() <= 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (b - base).abs().max() > 0.2  # control: the adapter changes the model
+
+
 def test_merge_to_refuses_a_foreign_directory(tiny_model_dir, adapter_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
@@ -443,6 +498,9 @@ def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp
         ([*m, *a, "--prompt", "C4", "--num-samples", 2], "needs --temperature > 0"),
         ([*m, *a, "--prompt", "C4", "--prefix-tokens", 0], "--prefix-tokens must be >= 1"),
         ([*m, *a, "--prompt", "C4", "--format", "plain", "--system-prompt", "s"], "chat prompts only"),
+        ([*m, *a, "--prompt", "C4", "--gpu-memory-gib", 40, "--device", "cpu"],
+         "--gpu-memory-gib 40.0: plans the GPU memory of --decode continuous; give a size > 0, on a GPU"),
+        ([*m, *a, "--prompt", "C4", "--batch-size", 0], "--batch-size must be >= 1"),
     ]
     for argv, msg in cases:
         with pytest.raises(UserError, match=msg):
@@ -592,7 +650,7 @@ def test_reference_loss_equals_loss_on_pretokenize_labels(sample_data, tiny_mode
     meta = json.loads((sample_data / "chat" / "metadata.json").read_text())
     records = read_prompts_jsonl(sample_data / "chat" / "validation.jsonl",
                                  **dict(PROMPT_KW, default_system=meta["options"]["system_prompt"]))
-    ours = reference_losses(model, tokenizer, records, " ", batch_size=4)
+    ours = reference_losses(model, tokenizer, records, " ", max_tokens=128)  # several right-padded batches
     want_sum, want_n = 0.0, 0
     for row in pq.read_table(tmp_path / "tok" / "validation").to_pylist():
         start = 0
