@@ -319,7 +319,7 @@ def test_cli_writes_mapped_and_scored_jsonl(tiny_model_dir, adapter_dir, vocab_f
     assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary file left
     # how it decoded: the defaults (continuous batching of NF4 dequantised once, adapter merged), --batch-size 2
     assert (s["decode"], s["weights"], s["adapter"], s["batch_size"], s["cuda_graph"]) == (
-        "continuous", "nf4 dequantized to bfloat16", "merged", 2, False)
+        "continuous", "nf4 dequantized to float32", "merged", 2, False)
     assert s["startup_seconds"] > 0 and s["tokens_per_s"] > 0 and s["reference_loss_seconds"] > 0
 
 
@@ -337,7 +337,7 @@ def test_cli_continuous_and_plain_decoding_give_the_same_answers(stopping_model_
         assert _run(*common, "--decode", decode, "--output", out, "--summary", summ) == 0
         rows[decode] = [json.loads(x) for x in out.read_text().splitlines()]
         s = json.loads(summ.read_text())
-        assert (s["decode"], s["weights"], s["adapter"], s["batch_size"]) == (decode, "bfloat16", "none", 8)
+        assert (s["decode"], s["weights"], s["adapter"], s["batch_size"]) == (decode, "float32", "none", 8)  # CPU: fp32 compute
     assert rows["continuous"] == rows["plain"] and len(rows["plain"]) == 12
     assert {r["stop_reason"] for r in rows["plain"]} == {"stop", "length"}  # control: mixed lengths
 
