@@ -337,6 +337,25 @@ def main() -> None:
     if not args.skip_hf_cb:
         bench.guarded("hf generate_batch", hf_continuous_batching)
 
+    def equality_fp32():
+        """Random bf16 weights give near-tied logits, so any change of kernel or batch shape flips some greedy
+        tokens (bf16 rows above); in fp32 both paths must give the same answers on the 8B shape."""
+        from transformers import AutoModelForCausalLM
+
+        nonlocal model
+        del model
+        free_cuda()
+        fp32 = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32,
+                                                    device_map={"": DEVICE} if DEVICE.type == "cuda" else "cpu")
+        fp32.eval()
+        cfg = SamplingConfig(max_new_tokens=32)
+        want, _ = run_plain(fp32, tokenizer, records, 64, 32)
+        got, fields = run_continuous(fp32, tokenizer, records, cfg)
+        bench.record("fp32 weights: continuous vs generate() batch 64, 32 new tokens", **fields,
+                     identical_to_today=identical(got, want))
+
+    bench.guarded("fp32 equality", equality_fp32)
+
 
 def print_table(rows: list[dict]) -> None:
     print("\n| row | tokens/s | new tokens | s | startup s | batch | graph | identical to today | peak GiB |")

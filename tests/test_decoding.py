@@ -69,6 +69,20 @@ def test_greedy_tokens_equal_generate(model, tokenizer, slots):
     assert {r for _, r in want.values()} == {"stop", "length"} and any(not t for t, _ in want.values())
 
 
+def test_warm_up_prefills_leave_no_trace(model, tokenizer):
+    """On CUDA the decoder runs warm-up prefills at construction (startup, not generation time); the keys and values
+    they leave in the slots must not reach any answer."""
+    cfg = SamplingConfig(max_new_tokens=12, batch_size=4)
+    want = plain(model, tokenizer, _records(), cfg)
+    lengths = [len(x) for x in encode_prompts(tokenizer, _records())]
+    decoder = SlotDecoder(model, slots=5, max_len=slot_length(lengths, cfg.max_new_tokens), use_graph=False)
+    with torch.inference_mode():
+        decoder._warm_up()
+    assert int(decoder.cache.lengths.sum()) == 0 and decoder.cache.keys[0].abs().sum() > 0  # it did write the cache
+    assert {_key(s): (s.token_ids, s.stop_reason) for s in generate_continuous(decoder, tokenizer, _records(), cfg)} \
+        == want
+
+
 def test_the_equality_check_sees_an_attention_mistake(model, tokenizer, monkeypatch):
     """Control for the test above: a decoder whose step does not see the token it adds must not pass it."""
     cfg = SamplingConfig(max_new_tokens=12, batch_size=4)
