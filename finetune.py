@@ -58,8 +58,8 @@ from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, 
 from qlora.config import FINGERPRINT_KEYS, TrainConfig, as_dict, fingerprint, resolve_config
 from qlora.data import PackedShards, StreamOrder, eval_micro_batches, read_metadata, step_micro_batches
 from qlora.errors import UserError, run_main
-from qlora.memory import check_fits, fit_advice, resolve_speed_settings
 from qlora.loss import count_label_tokens
+from qlora.plan import check_fits, fit_advice, plan_memory
 from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, forward_loss,
                          load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
 
@@ -195,10 +195,9 @@ def estimate_memory_only(cfg: TrainConfig) -> int:
     world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     # as training plans: this machine's GPU when it has one (--gpu-memory-gib wins), else 40 GiB
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    speed = resolve_speed_settings(cfg, model_config=model_config, max_len=seq_len, world_size=world,
-                                   gpu_total_bytes=gpu_bytes)
-    print(speed["estimate"].table(speed["gpu_gib"]), flush=True)
-    advice = fit_advice(speed, table_shown=True)
+    plan = plan_memory(cfg, model_config=model_config, max_len=seq_len, world_size=world, gpu_total_bytes=gpu_bytes)
+    print(plan.estimate.table(plan.gpu_gib), flush=True)
+    advice = fit_advice(plan, table_shown=True)
     if advice:
         print(f"finetune.py: {advice}", file=sys.stderr)
         return 1
@@ -316,11 +315,11 @@ def train(cfg: TrainConfig, env: Dist) -> int:
         raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
                         "use sdpa or eager there")
     # fast-path kernels and checkpointed blocks, from the memory estimate; refuse before loading what cannot fit
-    speed = resolve_speed_settings(
+    plan = plan_memory(
         cfg, model_config=model_config, max_len=max_len, world_size=env.world, device_type=env.device.type,
         gpu_total_bytes=torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None)
     if env.device.type == "cuda":
-        check_fits(speed)
+        check_fits(plan)
 
     fp_parts = json.loads(json.dumps({
         "model": {**{k: model_config.get(k) for k in (
@@ -374,7 +373,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     peft_model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_target_modules,
                             gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
-                            checkpoint_layers=speed["checkpoint_layers"], kernels=speed["kernels"])
+                            checkpoint_layers=plan.checkpoint_layers, kernels=plan.kernels)
     peft_model.train()
     trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable_params, cfg)
@@ -392,15 +391,15 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     n_trainable, n_base = count_parameters(peft_model)
     tokens_per_step = rows_per_step * max_len
     resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": env.world, "device": str(env.device),
-                "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": speed["kernels"],
-                "checkpoint_layers": speed["checkpoint_layers"], "gpu_memory_gib": speed["gpu_gib"],
+                "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": plan.kernels,
+                "checkpoint_layers": plan.checkpoint_layers, "gpu_memory_gib": plan.gpu_gib,
                 "max_len": max_len, "rows_per_step": rows_per_step,
                 "tokens_per_step": tokens_per_step, "epochs": max_steps * rows_per_step / len(train_rows),
                 "train_rows": len(train_rows), "validation_rows": len(val_rows) if val_rows else 0,
                 "trainable_params": n_trainable, "base_params": n_base,
                 "trainable_percent": 100.0 * n_trainable / n_base}
-    est = speed["estimate"]
-    mem = (est.summary(speed["gpu_gib"]), est.table(speed["gpu_gib"])) if env.device.type == "cuda" else None
+    est = plan.estimate
+    mem = (est.summary(plan.gpu_gib), est.table(plan.gpu_gib)) if env.device.type == "cuda" else None
     if env.is_main:
         print_recipe(cfg, resolved, mem, resume_path, start_step, env)
         write_json_atomic(run.path / "config.json", {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .memory import LORA_TARGETS
+from .llama3 import LORA_TARGETS
 
 
 def _opt(default, help: str, **argparse_kwargs):

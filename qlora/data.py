@@ -19,7 +19,6 @@ import numpy as np
 from .errors import UserError
 
 COLUMNS = ("input_ids", "labels", "doc_lens")
-IGNORE_INDEX = -100
 
 
 def read_metadata(data_dir: str | os.PathLike) -> dict:

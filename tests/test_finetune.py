@@ -283,9 +283,9 @@ def test_estimate_memory_exits_without_loading_a_model(capsys):
 @pytest.fixture
 def liger_planned(monkeypatch):
     """--estimate-memory plans the fast path wherever liger-kernel is installed; fix that, for the same numbers."""
-    import qlora.memory
+    import qlora.plan
 
-    monkeypatch.setattr(qlora.memory, "_liger_installed", lambda: True)
+    monkeypatch.setattr(qlora.plan, "_liger_installed", lambda: True)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
