@@ -35,13 +35,9 @@ status.json.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -52,137 +48,22 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
-from qlora.atomic import atomic_dir, atomic_file, write_json_atomic
-from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, load_checkpoint,
-                              read_trainer_state, save_checkpoint)
-from qlora.config import FINGERPRINT_KEYS, TrainConfig, as_dict, fingerprint, resolve_config
-from qlora.data import PackedShards, StreamOrder, eval_micro_batches, read_metadata, step_micro_batches
+from qlora.atomic import atomic_dir, write_json_atomic
+from qlora.checkpoint import (capture_rng, check_fingerprint, is_checkpoint, load_checkpoint, read_trainer_state,
+                              run_fingerprint, save_checkpoint)
+from qlora.config import TrainConfig, as_dict, resolve_config
+from qlora.data import PackedShards, StreamOrder, check_data, read_metadata, step_micro_batches
+from qlora.distributed import Dist, lora_digest
 from qlora.errors import UserError, run_main
 from qlora.loss import count_label_tokens
+from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, load_base_model,
+                         resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
 from qlora.plan import check_fits, fit_advice, plan_memory
-from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, forward_loss,
-                         load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
+from qlora.rundir import RunDir, git_commit, library_versions, list_checkpoints
+from qlora.training import evaluate, lr_lambda, make_optimizer, to_device
 
-STOP_FILE = "stop_requested"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-
-
-# ----------------------------------------------------------------------------------------------- processes
-class Dist:
-    """This process's place in a torchrun job (or a single process) and the few collectives training needs."""
-
-    def __init__(self, device_flag: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_flag == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible to this process")
-        use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                    device_id=self.device if use_cuda else None)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------- run directory
-class RunDir:
-    """RUN/ files (contract 4). Only rank 0 writes."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path = Path(path)
-        self.enabled = enabled
-        self.status_path = self.path / "status.json"
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.stop_path = self.path / STOP_FILE
-        self.status: dict = {}
-
-    def set_status(self, **fields) -> None:
-        self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        if self.enabled:
-            write_json_atomic(self.status_path, self.status)
-
-    def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop metric lines past the checkpoint: those steps are trained again."""
-        if not (self.enabled and self.metrics_path.exists()):
-            return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= after_step:
-                    keep.append(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-        with atomic_file(self.metrics_path) as f:
-            f.write("".join(line + "\n" for line in keep))
-
-    def log_metrics(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
 
 
 def estimate_memory_only(cfg: TrainConfig) -> int:
@@ -202,69 +83,6 @@ def estimate_memory_only(cfg: TrainConfig) -> int:
         print(f"finetune.py: {advice}", file=sys.stderr)
         return 1
     return 0
-
-
-# ----------------------------------------------------------------------------------------------- schedule
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def make_optimizer(params, cfg: TrainConfig):
-    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, **kw)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
-    return cls(params, **kw)
-
-
-# ----------------------------------------------------------------------------------------------- training
-def lora_digest(params) -> str:
-    """sha256 of the trainable weights' bytes: equal on every DDP rank iff the replicas are bit-identical."""
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def evaluate(peft_model, val: PackedShards, cfg: TrainConfig, env: Dist) -> tuple[float, int]:
-    peft_model.eval()
-    loss_sum, n_tokens = 0.0, 0.0
-    with torch.no_grad():
-        for batch in eval_micro_batches(val, cfg.micro_batch_size, env.rank, env.world, cfg.eval_max_rows):
-            loss, n = forward_loss(peft_model, to_device(batch, env.device), loss_chunk_size=cfg.loss_chunk_size)
-            loss_sum += float(loss)
-            n_tokens += float(n)
-    peft_model.train()
-    loss_sum, n_tokens = env.all_reduce_sum([loss_sum, n_tokens])
-    return (loss_sum / n_tokens if n_tokens else float("nan")), int(n_tokens)
-
-
-def check_data(cfg: TrainConfig, meta: dict, model_config: dict, tokenizer) -> None:
-    from qlora.llama3 import tokenizer_fingerprint
-
-    meta_path = Path(cfg.data) / "metadata.json"
-    want = tokenizer_fingerprint(tokenizer)
-    got = (meta.get("tokenizer") or {}).get("sha256")
-    if got != want:
-        raise UserError(f"{meta_path}: shards were made with another tokenizer (sha256 {str(got)[:12]}..., "
-                        f"{cfg.model} has {want[:12]}...); rerun pretokenize.py with --tokenizer {cfg.model}")
-    max_pos = model_config.get("max_position_embeddings")
-    if max_pos is not None and int(meta["max_len"]) > int(max_pos):
-        raise UserError(f"{meta_path}: max_len {meta['max_len']} exceeds the model's context "
-                        f"(max_position_embeddings={max_pos} in {cfg.model}/config.json); rerun pretokenize.py "
-                        f"with --max-len {max_pos} or less")
 
 
 def main(argv=None) -> int:
@@ -298,12 +116,9 @@ def train(cfg: TrainConfig, env: Dist) -> int:
 
     # ---- validate everything that can be checked before loading the model (fast, one-line errors)
     model_config = validate_model_dir(cfg.model)
-    meta = read_metadata(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    check_data(cfg, meta, model_config, tokenizer)
+    meta = check_data(cfg.data, cfg.model, model_config, tokenizer)
     train_rows = PackedShards(cfg.data, "train", meta)
-    if len(train_rows) == 0:
-        raise UserError(f"{Path(cfg.data) / 'metadata.json'}: the train split has no rows (empty data set)")
     val_rows = PackedShards(cfg.data, "validation", meta) if "validation" in meta["splits"] else None
     max_len = int(meta["max_len"])
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * env.world
@@ -321,17 +136,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     if env.device.type == "cuda":
         check_fits(plan)
 
-    fp_parts = json.loads(json.dumps({
-        "model": {**{k: model_config.get(k) for k in (
-            "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "rope_theta", "tie_word_embeddings")},
-                  "weights": sorted((p.name, p.stat().st_size) for p in Path(cfg.model).glob("*.safetensors"))},
-        "lora": {k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
-        "data": {"tokenizer_sha256": meta["tokenizer"].get("sha256"), "max_len": max_len,
-                 "train_rows": len(train_rows), "train_shards": meta["splits"]["train"].get("shards"),
-                 "train_tokens": meta["splits"]["train"].get("tokens")},
-    }))
-    fp = fingerprint(fp_parts)
+    fp, fp_parts = run_fingerprint(cfg, model_config, meta, len(train_rows))
 
     # ---- run directory, stop protocol, resume point
     run = RunDir(cfg.output_dir, enabled=env.is_main)
@@ -352,11 +157,11 @@ def train(cfg: TrainConfig, env: Dist) -> int:
         resume_path = None
     else:
         resume_path = Path(cfg.resume)
-        if not (resume_path / "trainer_state.json").is_file():
+        if not is_checkpoint(resume_path):
             raise UserError(f"--resume {resume_path}: not a complete checkpoint directory")
     if resume_path is not None:
         check_fingerprint(resume_path, fp, fp_parts)
-        if read_trainer_state(resume_path)["step"] >= max_steps and (run.path / "adapter").is_dir():
+        if read_trainer_state(resume_path)["step"] >= max_steps and run.adapter_path.is_dir():
             step = read_trainer_state(resume_path)["step"]
             if env.is_main:
                 print(f"finetune.py: {run.path} already finished at step {step} (--max-steps {max_steps}); "
@@ -402,7 +207,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     mem = (est.summary(plan.gpu_gib), est.table(plan.gpu_gib)) if env.device.type == "cuda" else None
     if env.is_main:
         print_recipe(cfg, resolved, mem, resume_path, start_step, env)
-        write_json_atomic(run.path / "config.json", {
+        write_json_atomic(run.config_path, {
             "config": as_dict(cfg), "resolved": resolved, "versions": library_versions(), "git_commit": git_commit(),
             "fingerprint": fp, "fingerprint_parts": fp_parts, "data_metadata": meta, "model_config": model_config,
             "resumed_from": str(resume_path) if resume_path else None, "command": sys.argv,
@@ -421,7 +226,7 @@ def train(cfg: TrainConfig, env: Dist) -> int:
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=start_step + 1)
+        writer = SummaryWriter(str(run.tensorboard_path), purge_step=start_step + 1)
     from tqdm import tqdm
 
     # ASCII bars in log files: srun/torchrun relay stdout and stderr in chunks, and a line printed between two chunks
@@ -516,10 +321,10 @@ def train(cfg: TrainConfig, env: Dist) -> int:
                 run.set_status(state="stopped", step=step)
             return 0
         if env.is_main:
-            with atomic_dir(run.path / "adapter") as tmp:
+            with atomic_dir(run.adapter_path) as tmp:
                 peft_model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-            print(f"finetune.py: finished {step} steps; adapter in {run.path / 'adapter'}")
+            print(f"finetune.py: finished {step} steps; adapter in {run.adapter_path}")
             run.set_status(state="finished", step=step)
         env.barrier()
         return 0

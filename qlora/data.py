@@ -29,6 +29,24 @@ def read_metadata(data_dir: str | os.PathLike) -> dict:
     return read_shard_metadata(data_dir)
 
 
+def check_data(data_dir: str | os.PathLike, model_dir: str | os.PathLike, model_config: dict, tokenizer) -> dict:
+    """read_metadata, and refuse data this model cannot train on: shards made with another tokenizer, rows longer
+    than its context, an empty train split. Returns the metadata."""
+    from .llama3 import tokenizer_fingerprint
+    from .shards import read_shard_metadata
+
+    meta = read_shard_metadata(data_dir, tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+    meta_path = Path(data_dir) / "metadata.json"
+    max_pos = model_config.get("max_position_embeddings")
+    if max_pos is not None and int(meta["max_len"]) > int(max_pos):
+        raise UserError(f"{meta_path}: max_len {meta['max_len']} exceeds the model's context "
+                        f"(max_position_embeddings={max_pos} in {model_dir}/config.json); rerun pretokenize.py "
+                        f"with --max-len {max_pos} or less")
+    if not meta["splits"]["train"].get("rows"):
+        raise UserError(f"{meta_path}: the train split has no rows (empty data set)")
+    return meta
+
+
 @dataclass(frozen=True)
 class RowGroup:
     path: str

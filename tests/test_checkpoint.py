@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from finetune import lr_lambda, make_optimizer
-from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, load_checkpoint, save_checkpoint)
+from qlora.checkpoint import capture_rng, check_fingerprint, load_checkpoint, save_checkpoint
 from qlora.config import TrainConfig
 from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
 from qlora.errors import UserError
 from qlora.model import apply_lora, forward_loss, load_base_model
+from qlora.rundir import list_checkpoints
+from qlora.training import lr_lambda, make_optimizer
 from shard_fixtures import random_rows, write_rows
 
 

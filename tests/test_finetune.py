@@ -361,7 +361,7 @@ def error_cases(tmp_path_factory, tiny_model_dir, finetune_task_data):
         "incomplete_model": (args_for(incomplete, finetune_task_data, tmp / "r2"), {},
                              r"incomplete model directory, missing: tokenizer\.json, \*\.safetensors"),
         "other_tokenizer": (args_for(tiny_model_dir, other_tok, tmp / "r3"), {},
-                            "shards were made with another tokenizer"),
+                            r"shards were tokenized with .*not this model's tokenizer .*rerun pretokenize.py"),
         "max_len_above_context": (args_for(short_ctx, finetune_task_data, tmp / "r4"), {},
                                   r"max_len 64 exceeds the model's context \(max_position_embeddings=32"),
         "empty_data": (args_for(tiny_model_dir, empty, tmp / "r5"), {}, "the train split has no rows"),
