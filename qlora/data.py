@@ -4,8 +4,9 @@ The order is an endless stream of rows: epoch e is a permutation of all rows (ro
 shuffled inside each group), epochs concatenated. Optimizer step s takes stream rows [s*G, (s+1)*G) with
 G = micro_batch x grad_accum x world_size; rank r takes its own contiguous slice of those. So the data position is
 one number — rows consumed — valid for any number of ranks, and no row is dropped at an epoch's end. Row groups
-hold <= 64 rows (contract), so shuffling by group plus within-group keeps reads to one group at a time instead of
+hold <= 64 rows (contract 3), so shuffling by group plus within-group keeps reads to one group at a time instead of
 loading a shard. Hand-written because no library sampler resumes mid-epoch from a row count across world sizes.
+check_data refuses, before any model is loaded, data the model cannot train on.
 """
 from __future__ import annotations
 
