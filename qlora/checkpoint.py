@@ -161,7 +161,7 @@ def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, schedu
 
     from .fsdp import save_adapter
 
-    path = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    path = checkpoints_dir(run_dir) / step_dir_name(step)
     tmp = path.with_name(f".{path.name}.sharded-tmp")  # one name for every rank (atomic_dir's is per process)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,12 +170,12 @@ def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, schedu
     lora = get_model_state_dict(peft_model, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save(lora, checkpoint_id=str(tmp / "lora"))
     torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank-{rank:05d}.pt")
-    save_adapter(peft_model, tmp / "adapter", is_main=rank == 0)
+    save_adapter(peft_model, tmp / ADAPTER_DIR, is_main=rank == 0)
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng_states.pt")
         state = dict(trainer_state, step=step, parallelism="fsdp", world_size=dist.get_world_size())
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk before the directory becomes a listed checkpoint
     if rank == 0:
         trash = path.with_name(f".{path.name}.old")
