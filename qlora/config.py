@@ -89,8 +89,7 @@ class TrainConfig:
                                           "number; each block not recomputed saves a third of its matmuls and costs "
                                           "~0.85 GiB at seq 8192 on Llama-3-8B (--no-gradient-checkpointing = 0)")
     low_memory: bool = _opt(False, "small-GPU preset: recompute every block, with the fast kernels (~10 GiB peak at "
-                                   "seq 8192 on Llama-3-8B; slower than the default by the recompute, measured in "
-                                   "bench/RESULTS.md)", action="store_true")
+                                   "seq 8192 on Llama-3-8B, about 25%% slower than the default)", action="store_true")
     gpu_memory_gib: float | None = _opt(None, "GPU memory to plan for (default: this GPU's size; 40 = A100-40GB "
                                               "for --estimate-memory without a GPU); refused before loading if the "
                                               "estimate does not fit")
