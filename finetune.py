@@ -8,18 +8,19 @@
         (peak GPU memory plan, nothing loaded; exit status 0 if it fits, 1 and the settings to change if not)
 
 Recipe (defaults) and what each choice costs:
-  * base in 4-bit NF4 + double quantization, bf16 compute (fp32 on the CPU, where bf16 is slow; --compute-dtype): ~5.7 GB of weights for 8B instead of 16 GB; every
-    matmul dequantises on the fly (slower than bf16 weights). Norms/embeddings/lm_head stay bf16 and frozen. We do
-    NOT call peft.prepare_model_for_kbit_training: its fp32 upcast of the norms ran the whole 8B network in fp32,
-    4.4x slower and 2x larger.
+  * base in 4-bit NF4 + double quantization, bf16 compute (fp32 on the CPU, where bf16 is slow; --compute-dtype):
+    ~5.7 GB of weights for 8B instead of 16 GB; every matmul dequantises on the fly (slower than bf16 weights).
+    Norms/embeddings/lm_head stay in the compute dtype and frozen. We do NOT call
+    peft.prepare_model_for_kbit_training: its fp32 upcast of the norms runs the whole 8B network in fp32 on the GPU,
+    several times slower and about twice the memory (bench/RESULTS.md, table 1).
   * LoRA r=64, alpha=16, dropout 0 on q/k/v/o/gate/up/down of every block (167,772,160 params on Llama-3-8B);
     LoRA weights kept in fp32 (small), all matmuls in bf16 (on the GPU fast path the LoRA pair and its scaled add
-    run as one bf16 addmm: +40% over peft's fp32 adapters, bench/RESULTS.md).
+    run as one bf16 addmm instead of peft's fp32 matmuls and extra passes over each output; bench/RESULTS.md).
   * paged 8-bit AdamW: 2 bytes/param of optimizer state instead of 8, paged to CPU on memory spikes.
   * gradient checkpointing (non-reentrant) of as many blocks as memory needs (--checkpoint-layers auto, planned
     from qlora/memory.py's estimate): each recomputed block costs a third more of its matmuls and saves ~0.8 GiB
-    at seq 8192 on Llama-3-8B. On a 40 GB card one process at seq 8192 needs none (+33% over recomputing all);
-    --low-memory recomputes every block (~10 GiB).
+    at seq 8192 on Llama-3-8B. On a 40 GB card one process at seq 8192 needs none (the fastest setting,
+    bench/RESULTS.md); --low-memory recomputes every block (~10 GiB).
   * packed rows keep documents apart: position ids restart at every document, attention_mask=None, so
     transformers builds a per-document causal mask; no loss on padding, masked prompts or across documents.
   * loss = sum of token cross-entropies / label tokens of the whole global batch (all micro-batches, all ranks):
@@ -29,22 +30,19 @@ Recipe (defaults) and what each choice costs:
   * warm-up + cosine LR, gradient clipping, gradient accumulation; checkpoints (adapter, optimizer, scheduler,
     RNG, data position) every --save-every steps, last --keep-checkpoints kept; --resume auto continues.
   * stop protocol: RUN/stop_requested or SIGUSR1 -> checkpoint at the next step boundary, status "stopped", exit 0.
-Outputs in --output-dir: config.json, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNNN/, adapter/,
-status.json.
+Outputs in --output-dir (qlora/rundir.py): config.json, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNNN/,
+adapter/, status.json.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 # Expandable segments: the allocator grows segments in place instead of leaving ~2-3 GiB fragmented at the peak
@@ -52,240 +50,43 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
-from qlora.atomic import atomic_dir, atomic_file, write_json_atomic
-from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, load_checkpoint,
-                              read_trainer_state, save_checkpoint)
-from qlora.config import FINGERPRINT_KEYS, TrainConfig, as_dict, fingerprint, resolve_config
-from qlora.data import PackedShards, StreamOrder, eval_micro_batches, read_metadata, step_micro_batches
+from qlora.atomic import atomic_dir, write_json_atomic
+from qlora.checkpoint import (capture_rng, check_fingerprint, is_checkpoint, load_checkpoint, read_trainer_state,
+                              run_fingerprint, save_checkpoint)
+from qlora.config import TrainConfig, as_dict, resolve_config
+from qlora.data import PackedShards, StreamOrder, check_data, read_metadata, step_micro_batches
+from qlora.distributed import Dist, lora_digest
 from qlora.errors import UserError, run_main
-from qlora.memory import check_fits, fit_advice, resolve_speed_settings
+from qlora.llama3 import load_tokenizer
 from qlora.loss import count_label_tokens
-from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, forward_loss,
-                         load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
+from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, load_base_model,
+                         resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
+from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
+from qlora.rundir import RunDir, git_commit, library_versions, list_checkpoints
+from qlora.training import evaluate, lr_lambda, make_optimizer, to_device
 
-STOP_FILE = "stop_requested"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-
-
-# ----------------------------------------------------------------------------------------------- processes
-class Dist:
-    """This process's place in a torchrun job (or a single process) and the few collectives training needs."""
-
-    def __init__(self, device_flag: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_flag == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible to this process")
-        use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                    device_id=self.device if use_cuda else None)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------- run directory
-class RunDir:
-    """RUN/ files (contract 4). Only rank 0 writes."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path = Path(path)
-        self.enabled = enabled
-        self.status_path = self.path / "status.json"
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.stop_path = self.path / STOP_FILE
-        self.status: dict = {}
-
-    def set_status(self, **fields) -> None:
-        self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        if self.enabled:
-            write_json_atomic(self.status_path, self.status)
-
-    def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop metric lines past the checkpoint: those steps are trained again."""
-        if not (self.enabled and self.metrics_path.exists()):
-            return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= after_step:
-                    keep.append(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-        with atomic_file(self.metrics_path) as f:
-            f.write("".join(line + "\n" for line in keep))
-
-    def log_metrics(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
-
-
-def estimate_memory_only(cfg: TrainConfig) -> int:
-    """--estimate-memory: print the table; 0 if it fits, 1 with the knobs to turn if not (training would refuse)."""
-    model_config = validate_model_dir(cfg.model) if cfg.model else None
-    data_len = int(read_metadata(cfg.data)["max_len"]) if cfg.data else None
-    seq_len = cfg.seq_len or data_len or 8192
-    if cfg.seq_len and data_len and cfg.seq_len != data_len:
-        print(f"finetune.py: planning for --seq-len {cfg.seq_len}, not the max_len {data_len} of {cfg.data}")
-    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    # as training plans: this machine's GPU when it has one (--gpu-memory-gib wins), else 40 GiB
-    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    speed = resolve_speed_settings(cfg, model_config=model_config, max_len=seq_len, world_size=world,
-                                   gpu_total_bytes=gpu_bytes)
-    print(speed["estimate"].table(speed["gpu_gib"]), flush=True)
-    advice = fit_advice(speed, table_shown=True)
-    if advice:
-        print(f"finetune.py: {advice}", file=sys.stderr)
-        return 1
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------- schedule
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def make_optimizer(params, cfg: TrainConfig):
-    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw_torch":
-        return torch.optim.AdamW(params, **kw)
-    import bitsandbytes as bnb
-
-    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-           "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
-    return cls(params, **kw)
-
-
-# ----------------------------------------------------------------------------------------------- training
-def lora_digest(params) -> str:
-    """sha256 of the trainable weights' bytes: equal on every DDP rank iff the replicas are bit-identical."""
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def evaluate(peft_model, val: PackedShards, cfg: TrainConfig, env: Dist) -> tuple[float, int]:
-    peft_model.eval()
-    loss_sum, n_tokens = 0.0, 0.0
-    with torch.no_grad():
-        for batch in eval_micro_batches(val, cfg.micro_batch_size, env.rank, env.world, cfg.eval_max_rows):
-            loss, n = forward_loss(peft_model, to_device(batch, env.device), loss_chunk_size=cfg.loss_chunk_size)
-            loss_sum += float(loss)
-            n_tokens += float(n)
-    peft_model.train()
-    loss_sum, n_tokens = env.all_reduce_sum([loss_sum, n_tokens])
-    return (loss_sum / n_tokens if n_tokens else float("nan")), int(n_tokens)
-
-
-def check_data(cfg: TrainConfig, meta: dict, model_config: dict, tokenizer) -> None:
-    from qlora.llama3 import tokenizer_fingerprint
-
-    meta_path = Path(cfg.data) / "metadata.json"
-    want = tokenizer_fingerprint(tokenizer)
-    got = (meta.get("tokenizer") or {}).get("sha256")
-    if got != want:
-        raise UserError(f"{meta_path}: shards were made with another tokenizer (sha256 {str(got)[:12]}..., "
-                        f"{cfg.model} has {want[:12]}...); rerun pretokenize.py with --tokenizer {cfg.model}")
-    max_pos = model_config.get("max_position_embeddings")
-    if max_pos is not None and int(meta["max_len"]) > int(max_pos):
-        raise UserError(f"{meta_path}: max_len {meta['max_len']} exceeds the model's context "
-                        f"(max_position_embeddings={max_pos} in {cfg.model}/config.json); rerun pretokenize.py "
-                        f"with --max-len {max_pos} or less")
 
 
 def main(argv=None) -> int:
     cfg = resolve_config(argv, __doc__)
     if cfg.estimate_memory:
         return estimate_memory_only(cfg)
-    env = Dist(cfg.device)
+    dist = Dist(cfg.device)
     try:
-        return train(cfg, env)
+        return train(cfg, dist)
     except UserError:
-        if not env.is_main:  # every rank hits the same input error; let rank 0 alone print it
+        if not dist.is_main:  # every rank hits the same input error; let rank 0 alone print it
             sys.exit(2)
         raise
     except torch.OutOfMemoryError as e:
         raise UserError(
-            f"CUDA out of memory on {env.device} (micro-batch {cfg.micro_batch_size} x seq "
+            f"CUDA out of memory on {dist.device} (micro-batch {cfg.micro_batch_size} x seq "
             f"{cfg_max_len(cfg)}): lower --micro-batch-size, pretokenize with a smaller --max-len, keep "
             f"--gradient-checkpointing on with --checkpoint-layers all, or use --low-memory") from e
     finally:
-        env.close()
+        dist.close()
 
 
 def cfg_max_len(cfg: TrainConfig):
@@ -294,248 +95,362 @@ def cfg_max_len(cfg: TrainConfig):
     return "?"
 
 
-def train(cfg: TrainConfig, env: Dist) -> int:
-    from qlora.llama3 import load_tokenizer
+# ----------------------------------------------------------------------------------------------- the run's state
+@dataclass
+class TrainingRun:
+    """What one training run holds, built by setup(); the loop moves step, data position and loss forward."""
+    cfg: TrainConfig
+    dist: Dist
+    run_dir: RunDir
+    tokenizer: object
+    model: torch.nn.Module               # peft model: LoRA on the (4-bit) base
+    trainable: list                      # the LoRA weights: what the optimizer updates and checkpoints compare
+    loss_module: torch.nn.Module         # TrainStep(model): (loss sum, label tokens), in DDP with several ranks
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: StreamOrder                   # the seeded row order; the data position is rows_consumed
+    validation: PackedShards | None
+    writer: object                       # TensorBoard SummaryWriter on rank 0, else None
+    pbar: object
+    stop_signal: dict                    # {"received": bool}, set by SIGUSR1
+    fingerprint: str
+    fingerprint_parts: dict
+    max_steps: int
+    rows_per_step: int
+    tokens_per_step: int
+    n_train_rows: int
+    step: int = 0
+    rows_consumed: int = 0
+    tokens_seen: int = 0
+    loss: float | None = None
 
-    # ---- validate everything that can be checked before loading the model (fast, one-line errors)
+    @property
+    def epoch(self) -> float:
+        return self.rows_consumed / self.n_train_rows
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
+    """Check the inputs, plan memory, prepare RUN/ and find the resume point (all before loading the model: fast,
+    one-line errors), then load model and optimizer, restore the checkpoint and record the run. None if RUN/
+    already reached --max-steps."""
     model_config = validate_model_dir(cfg.model)
-    meta = read_metadata(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
-    check_data(cfg, meta, model_config, tokenizer)
-    train_rows = PackedShards(cfg.data, "train", meta)
-    if len(train_rows) == 0:
-        raise UserError(f"{Path(cfg.data) / 'metadata.json'}: the train split has no rows (empty data set)")
-    val_rows = PackedShards(cfg.data, "validation", meta) if "validation" in meta["splits"] else None
+    meta, train_rows, val_rows = _setup_data(cfg, model_config, tokenizer)
     max_len = int(meta["max_len"])
-    rows_per_step = cfg.micro_batch_size * cfg.grad_accum * env.world
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum * dist.world
+    tokens_per_step = rows_per_step * max_len
     max_steps = cfg.max_steps or math.ceil((cfg.epochs or 1.0) * len(train_rows) / rows_per_step)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * max_steps)
-    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, env.device)
-    attn = resolve_attn_implementation(cfg.attn_implementation, env.device)
-    if attn == "flex_attention" and env.device.type != "cuda":
-        raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
-                        "use sdpa or eager there")
-    # fast-path kernels and checkpointed blocks, from the memory estimate; refuse before loading what cannot fit
-    speed = resolve_speed_settings(
-        cfg, model_config=model_config, max_len=max_len, world_size=env.world, device_type=env.device.type,
-        gpu_total_bytes=torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None)
-    if env.device.type == "cuda":
-        check_fits(speed)
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, dist.device)
+    attn, plan = _plan(cfg, dist, model_config, max_len)
+    fp, fp_parts = run_fingerprint(cfg, model_config, meta, len(train_rows))
 
-    fp_parts = json.loads(json.dumps({
-        "model": {**{k: model_config.get(k) for k in (
-            "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "rope_theta", "tie_word_embeddings")},
-                  "weights": sorted((p.name, p.stat().st_size) for p in Path(cfg.model).glob("*.safetensors"))},
-        "lora": {k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
-        "data": {"tokenizer_sha256": meta["tokenizer"].get("sha256"), "max_len": max_len,
-                 "train_rows": len(train_rows), "train_shards": meta["splits"]["train"].get("shards"),
-                 "train_tokens": meta["splits"]["train"].get("tokens")},
-    }))
-    fp = fingerprint(fp_parts)
-
-    # ---- run directory, stop protocol, resume point
-    run = RunDir(cfg.output_dir, enabled=env.is_main)
-    if env.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.stop_path.unlink(missing_ok=True)  # a stale request from the previous job must not stop this one
-    env.barrier()
-    stop_signal = {"received": False}
-    signal.signal(signal.SIGUSR1, lambda *_: stop_signal.update(received=True))
-
-    checkpoints = list_checkpoints(run.path)
-    if cfg.resume == "auto":
-        resume_path = checkpoints[-1][1] if checkpoints else None
-    elif cfg.resume == "never":
-        if checkpoints:
-            raise UserError(f"--resume never: {run.path} already has checkpoints; use a new --output-dir "
-                            f"or --resume auto")
-        resume_path = None
-    else:
-        resume_path = Path(cfg.resume)
-        if not (resume_path / "trainer_state.json").is_file():
-            raise UserError(f"--resume {resume_path}: not a complete checkpoint directory")
+    run_dir, stop_signal = _open_run_dir(cfg, dist)
+    resume_path = _resume_point(cfg, run_dir)
     if resume_path is not None:
         check_fingerprint(resume_path, fp, fp_parts)
-        if read_trainer_state(resume_path)["step"] >= max_steps and (run.path / "adapter").is_dir():
-            step = read_trainer_state(resume_path)["step"]
-            if env.is_main:
-                print(f"finetune.py: {run.path} already finished at step {step} (--max-steps {max_steps}); "
-                      f"give a larger --max-steps to continue")
-                run.set_status(state="finished", step=step, max_steps=max_steps)
-            return 0
+        if _already_finished(dist, run_dir, resume_path, max_steps):
+            return None
 
-    # ---- model, LoRA, optimizer
-    if cfg.quantize == "nf4" or cfg.optimizer != "adamw_torch":
-        check_bitsandbytes(env.device)
-    torch.manual_seed(cfg.seed)
-    base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=env.device,
-                           compute_dtype=compute_dtype)
-    peft_model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            target_modules=cfg.lora_target_modules,
-                            gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
-                            checkpoint_layers=speed["checkpoint_layers"], kernels=speed["kernels"])
-    peft_model.train()
-    trainable_params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable_params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, max_steps, cfg.min_lr_ratio))
-    start_step, rows_consumed, tokens_seen = 0, 0, 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, peft_model=peft_model, optimizer=optimizer, scheduler=scheduler,
-                                rank=env.rank)
-        start_step, rows_consumed, tokens_seen = state["step"], state["rows_consumed"], state["tokens_seen"]
-        if state.get("world_size", env.world) != env.world:
-            torch.manual_seed(cfg.seed + 1000 * start_step + env.rank)  # no saved RNG stream for this rank layout
-    else:
-        torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ per rank; LoRA init above is shared
+    model = _setup_model(cfg, dist, compute_dtype, attn, plan)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _setup_optimizer(cfg, trainable, warmup, max_steps)
+    start_step, rows_consumed, tokens_seen = _restore(cfg, dist, resume_path, model, optimizer, scheduler)
 
-    n_trainable, n_base = count_parameters(peft_model)
-    tokens_per_step = rows_per_step * max_len
-    resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": env.world, "device": str(env.device),
-                "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": speed["kernels"],
-                "checkpoint_layers": speed["checkpoint_layers"], "gpu_memory_gib": speed["gpu_gib"],
+    n_trainable, n_base = count_parameters(model)
+    resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": dist.world, "device": str(dist.device),
+                "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": plan.kernels,
+                "checkpoint_layers": plan.checkpoint_layers, "gpu_memory_gib": plan.gpu_gib,
                 "max_len": max_len, "rows_per_step": rows_per_step,
                 "tokens_per_step": tokens_per_step, "epochs": max_steps * rows_per_step / len(train_rows),
                 "train_rows": len(train_rows), "validation_rows": len(val_rows) if val_rows else 0,
                 "trainable_params": n_trainable, "base_params": n_base,
                 "trainable_percent": 100.0 * n_trainable / n_base}
-    est = speed["estimate"]
-    mem = (est.summary(speed["gpu_gib"]), est.table(speed["gpu_gib"])) if env.device.type == "cuda" else None
-    if env.is_main:
-        print_recipe(cfg, resolved, mem, resume_path, start_step, env)
-        write_json_atomic(run.path / "config.json", {
+    if dist.is_main:
+        print_recipe(cfg, resolved, plan, resume_path, start_step)
+        write_json_atomic(run_dir.config_path, {
             "config": as_dict(cfg), "resolved": resolved, "versions": library_versions(), "git_commit": git_commit(),
             "fingerprint": fp, "fingerprint_parts": fp_parts, "data_metadata": meta, "model_config": model_config,
             "resumed_from": str(resume_path) if resume_path else None, "command": sys.argv,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        run.truncate_metrics(start_step)
+        run_dir.truncate_metrics(start_step)
 
-    # ---- DDP
-    train_step = TrainStep(peft_model, loss_chunk_size=cfg.loss_chunk_size)
-    if env.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    loss_module = _wrap_for_ddp(TrainStep(model, loss_chunk_size=cfg.loss_chunk_size), dist)
+    writer, pbar = _setup_loggers(dist, run_dir, start_step, max_steps)
+    run_dir.set_status(state="running", step=start_step, max_steps=max_steps, world_size=dist.world, pid=os.getpid())
+    return TrainingRun(cfg=cfg, dist=dist, run_dir=run_dir, tokenizer=tokenizer, model=model, trainable=trainable,
+                       loss_module=loss_module, optimizer=optimizer, scheduler=scheduler,
+                       order=StreamOrder(train_rows, seed=cfg.seed), validation=val_rows, writer=writer, pbar=pbar,
+                       stop_signal=stop_signal, fingerprint=fp, fingerprint_parts=fp_parts, max_steps=max_steps,
+                       rows_per_step=rows_per_step, tokens_per_step=tokens_per_step,
+                       n_train_rows=len(train_rows), step=start_step, rows_consumed=rows_consumed,
+                       tokens_seen=tokens_seen)
 
-        train_step = DDP(train_step, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                         broadcast_buffers=False)
 
-    writer = None
-    if env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+def _setup_data(cfg: TrainConfig, model_config: dict, tokenizer):
+    meta = check_data(cfg.data, cfg.model, model_config, tokenizer)
+    train_rows = PackedShards(cfg.data, "train", meta)
+    val_rows = PackedShards(cfg.data, "validation", meta) if "validation" in meta["splits"] else None
+    return meta, train_rows, val_rows
 
-        writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=start_step + 1)
+
+def _plan(cfg: TrainConfig, dist: Dist, model_config: dict, max_len: int) -> tuple[str, MemoryPlan]:
+    """Attention kernel, fast-path kernels and recomputed blocks; refuse before loading what cannot fit."""
+    attn = resolve_attn_implementation(cfg.attn_implementation, dist.device)
+    if attn == "flex_attention" and dist.device.type != "cuda":
+        raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
+                        "use sdpa or eager there")
+    on_gpu = dist.device.type == "cuda"
+    plan = plan_memory(cfg, model_config=model_config, max_len=max_len, world_size=dist.world,
+                       device_type=dist.device.type,
+                       gpu_total_bytes=torch.cuda.get_device_properties(dist.device).total_memory if on_gpu else None)
+    if on_gpu:
+        check_fits(plan)
+    return attn, plan
+
+
+def _open_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[RunDir, dict]:
+    """RUN/ and the stop protocol: RUN/stop_requested or SIGUSR1 ask for a checkpoint and a clean exit."""
+    run_dir = RunDir(cfg.output_dir, enabled=dist.is_main)
+    if dist.is_main:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.stop_path.unlink(missing_ok=True)  # a stale request from the previous job must not stop this one
+    dist.barrier()
+    stop_signal = {"received": False}
+    signal.signal(signal.SIGUSR1, lambda *_: stop_signal.update(received=True))
+    return run_dir, stop_signal
+
+
+def _resume_point(cfg: TrainConfig, run_dir: RunDir) -> Path | None:
+    checkpoints = list_checkpoints(run_dir.path)
+    if cfg.resume == "auto":
+        return checkpoints[-1][1] if checkpoints else None
+    if cfg.resume == "never":
+        if checkpoints:
+            raise UserError(f"--resume never: {run_dir.path} already has checkpoints; use a new --output-dir "
+                            f"or --resume auto")
+        return None
+    resume_path = Path(cfg.resume)
+    if not is_checkpoint(resume_path):
+        raise UserError(f"--resume {resume_path}: not a complete checkpoint directory")
+    return resume_path
+
+
+def _already_finished(dist: Dist, run_dir: RunDir, resume_path: Path, max_steps: int) -> bool:
+    """True, saying so and marking RUN/ finished, when its adapter is written and the checkpoint is at --max-steps."""
+    step = read_trainer_state(resume_path)["step"]
+    if step < max_steps or not run_dir.adapter_path.is_dir():
+        return False
+    if dist.is_main:
+        print(f"finetune.py: {run_dir.path} already finished at step {step} (--max-steps {max_steps}); "
+              f"give a larger --max-steps to continue")
+        run_dir.set_status(state="finished", step=step, max_steps=max_steps)
+    return True
+
+
+def _setup_model(cfg: TrainConfig, dist: Dist, compute_dtype: torch.dtype, attn: str, plan: MemoryPlan):
+    if cfg.quantize == "nf4" or cfg.optimizer != "adamw_torch":
+        check_bitsandbytes(dist.device)
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=dist.device,
+                           compute_dtype=compute_dtype)
+    model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                       target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing,
+                       seed=cfg.seed, checkpoint_layers=plan.checkpoint_layers, kernels=plan.kernels)
+    model.train()
+    return model
+
+
+def _setup_optimizer(cfg: TrainConfig, trainable: list, warmup: int, max_steps: int):
+    optimizer = make_optimizer(trainable, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, max_steps, cfg.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _restore(cfg: TrainConfig, dist: Dist, resume_path: Path | None, model, optimizer, scheduler):
+    """(step, rows consumed, tokens seen) to start from: the checkpoint's, with its weights, optimizer, scheduler and
+    this rank's RNG restored; zeros for a fresh start."""
+    if resume_path is None:
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ per rank; LoRA init above is shared
+        return 0, 0, 0
+    state = load_checkpoint(resume_path, peft_model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
+    if state.get("world_size", dist.world) != dist.world:
+        torch.manual_seed(cfg.seed + 1000 * state["step"] + dist.rank)  # no saved RNG stream for this rank layout
+    return state["step"], state["rows_consumed"], state["tokens_seen"]
+
+
+def _wrap_for_ddp(loss_module: TrainStep, dist: Dist) -> torch.nn.Module:
+    if dist.world == 1:
+        return loss_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(loss_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+               broadcast_buffers=False)
+
+
+def _setup_loggers(dist: Dist, run_dir: RunDir, start_step: int, max_steps: int):
+    """TensorBoard writer (rank 0) and the progress bar (shown on rank 0 only)."""
     from tqdm import tqdm
 
+    writer = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir.tensorboard_path), purge_step=start_step + 1)
     # ASCII bars in log files: srun/torchrun relay stdout and stderr in chunks, and a line printed between two chunks
     # of a bar could split one of its multi-byte block characters, leaving the SLURM log invalid UTF-8 (seen in CI).
-    pbar = tqdm(total=max_steps, initial=start_step, disable=not env.is_main, unit="step", dynamic_ncols=True,
+    pbar = tqdm(total=max_steps, initial=start_step, disable=not dist.is_main, unit="step", dynamic_ncols=True,
                 desc="train", ascii=not sys.stderr.isatty())
-    order = StreamOrder(train_rows, seed=cfg.seed)
-    run.set_status(state="running", step=start_step, max_steps=max_steps, world_size=env.world, pid=os.getpid())
+    return writer, pbar
 
-    def checkpoint(step: int, loss: float | None) -> Path | None:
-        gathered = env.gather((capture_rng(), lora_digest(trainable_params)))
-        rng_states, digests = [g[0] for g in gathered], [g[1] for g in gathered]
-        if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
-            raise RuntimeError(f"LoRA weights differ across ranks at step {step}: {digests}")
-        path = None
-        if env.is_main:
-            path = save_checkpoint(run.path, step, peft_model=peft_model, optimizer=optimizer, scheduler=scheduler,
-                                   trainer_state={"rows_consumed": rows_consumed, "tokens_seen": tokens_seen,
-                                                  "epoch": rows_consumed / len(train_rows), "loss": loss,
-                                                  "seed": cfg.seed, "world_size": env.world,
-                                                  "lora_sha256_per_rank": digests,
-                                                  "fingerprint": fp, "fingerprint_parts": fp_parts},
-                                   rng_states=rng_states, keep=cfg.keep_checkpoints)
-            run.set_status(checkpoint=str(path))
-        env.barrier()
-        return path
 
-    step, loss, stopping = start_step, None, False
-    try:
-        while step < max_steps and not stopping:
-            t0 = time.perf_counter()
-            micro_batches = step_micro_batches(order, rows_consumed, cfg.micro_batch_size, cfg.grad_accum,
-                                               env.rank, env.world)
-            local_labels = sum(count_label_tokens(torch.from_numpy(b["labels"]), torch.from_numpy(b["position_ids"]))
-                               for b in micro_batches)
-            (global_labels,) = env.all_reduce_sum([local_labels])
-            # DDP averages gradients over ranks; scaling by world/global makes the result sum/global_labels.
-            scale = env.world / max(global_labels, 1.0)
-            local_loss = 0.0
-            for i, mb in enumerate(micro_batches):
-                sync = env.world == 1 or i == len(micro_batches) - 1
-                with (contextlib.nullcontext() if sync else train_step.no_sync()):
-                    loss_sum, _ = train_step(**to_device(mb, env.device))
-                    (loss_sum * scale).backward()
-                local_loss += float(loss_sum.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            rows_consumed += rows_per_step
-            tokens_seen += tokens_per_step
-            stop_here = float(run.stop_path.exists() or stop_signal["received"])
-            total_loss, stop_votes = env.all_reduce_sum([local_loss, stop_here])
-            loss = total_loss / max(global_labels, 1.0)
-            stopping = stop_votes > 0 and step < max_steps  # at the last step, finishing is as quick
-            dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "label_tokens": int(global_labels), "tokens": tokens_per_step,
-                      "tokens_per_s": tokens_per_step / dt, "tokens_per_s_per_process": tokens_per_step / dt / env.world,
-                      "epoch": rows_consumed / len(train_rows), "step_time_s": dt}
-            if env.device.type == "cuda":
-                record["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
-                record["gpu_mem_allocated_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            if env.is_main:
-                if step % cfg.log_every == 0 or step == max_steps:
-                    run.log_metrics(record)
-                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        writer.add_scalar(f"train/{k}", record[k], step)
-                postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-                if "gpu_mem_reserved_gib" in record:
-                    postfix["mem"] = f"{record['gpu_mem_reserved_gib']:.1f}G"
-                pbar.set_postfix(postfix, refresh=False)
-                pbar.update(1)
-                run.set_status(state="running", step=step, loss=loss, epoch=record["epoch"])
-            if not stopping and val_rows is not None and len(val_rows) and (
-                    step == max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                val_loss, val_tokens = evaluate(peft_model, val_rows, cfg, env)
-                if env.is_main:
-                    run.log_metrics({"step": step, "val_loss": val_loss, "val_label_tokens": val_tokens})
-                    writer.add_scalar("val/loss", val_loss, step)
-                    pbar.write(f"step {step}: validation loss {val_loss:.4f} ({val_tokens} label tokens)")
-                    run.set_status(val_loss=val_loss)
-            if stopping or step % cfg.save_every == 0 or step == max_steps:
-                checkpoint(step, loss)
-        pbar.close()  # before any message, so it starts on a line of its own
-        if stopping:
-            if env.is_main:
-                print(f"finetune.py: stop requested; checkpoint at step {step} written, rerun the same command "
-                      f"to resume")
-                run.set_status(state="stopped", step=step)
-            return 0
-        if env.is_main:
-            with atomic_dir(run.path / "adapter") as tmp:
-                peft_model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            print(f"finetune.py: finished {step} steps; adapter in {run.path / 'adapter'}")
-            run.set_status(state="finished", step=step)
-        env.barrier()
+# ----------------------------------------------------------------------------------------------- training loop
+def train(cfg: TrainConfig, dist: Dist) -> int:
+    run = setup(cfg, dist)
+    if run is None:  # RUN/ already reached --max-steps
         return 0
+    stopping = False
+    try:
+        while run.step < run.max_steps and not stopping:
+            record, stopping = train_step(run)
+            log_step(run, record)
+            if not stopping and evaluation_due(run):
+                validate(run)
+            if stopping or run.step % cfg.save_every == 0 or run.step == run.max_steps:
+                save(run)
+        run.pbar.close()  # before any message, so it starts on a line of its own
+        return finish(run, stopping)
     except BaseException as e:
-        pbar.close()
-        if env.is_main and not (isinstance(e, SystemExit) and not e.code):
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            run.set_status(state="failed", step=step, message=f"{type(e).__name__}: {msg}")
+        run.pbar.close()
+        record_failure(run, e)
         raise
     finally:
-        if writer is not None:
-            writer.close()
+        if run.writer is not None:
+            run.writer.close()
 
 
-def print_recipe(cfg: TrainConfig, resolved: dict, mem, resume_path, start_step: int, env: Dist) -> None:
+def train_step(run: TrainingRun) -> tuple[dict, bool]:
+    """One optimizer step over this rank's micro-batches; its metrics, and whether a stop was requested."""
+    cfg, dist = run.cfg, run.dist
+    t0 = time.perf_counter()
+    micro_batches = step_micro_batches(run.order, run.rows_consumed, cfg.micro_batch_size, cfg.grad_accum,
+                                       dist.rank, dist.world)
+    local_labels = sum(count_label_tokens(torch.from_numpy(b["labels"]), torch.from_numpy(b["position_ids"]))
+                       for b in micro_batches)
+    (global_labels,) = dist.all_reduce_sum([local_labels])
+    # DDP averages gradients over ranks; scaling by world/global makes the result sum/global_labels.
+    scale = dist.world / max(global_labels, 1.0)
+    local_loss = 0.0
+    for i, mb in enumerate(micro_batches):
+        sync = dist.world == 1 or i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else run.loss_module.no_sync()):
+            loss_sum, _ = run.loss_module(**to_device(mb, dist.device))
+            (loss_sum * scale).backward()
+        local_loss += float(loss_sum.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.rows_consumed += run.rows_per_step
+    run.tokens_seen += run.tokens_per_step
+    stop_here = float(run.run_dir.stop_path.exists() or run.stop_signal["received"])
+    total_loss, stop_votes = dist.all_reduce_sum([local_loss, stop_here])
+    run.loss = total_loss / max(global_labels, 1.0)
+    stopping = stop_votes > 0 and run.step < run.max_steps  # at the last step, finishing is as quick
+    return step_record(run, lr, grad_norm, global_labels, time.perf_counter() - t0), stopping
+
+
+def step_record(run: TrainingRun, lr: float, grad_norm, global_labels: float, seconds: float) -> dict:
+    record = {"step": run.step, "loss": run.loss, "lr": lr, "grad_norm": float(grad_norm),
+              "label_tokens": int(global_labels), "tokens": run.tokens_per_step,
+              "tokens_per_s": run.tokens_per_step / seconds,
+              "tokens_per_s_per_process": run.tokens_per_step / seconds / run.dist.world,
+              "epoch": run.epoch, "step_time_s": seconds}
+    if run.dist.device.type == "cuda":
+        record["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(run.dist.device) / 2**30
+        record["gpu_mem_allocated_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2**30
+    return record
+
+
+def log_step(run: TrainingRun, record: dict) -> None:
+    """metrics.jsonl and TensorBoard every --log-every steps; progress bar and status.json every step (rank 0)."""
+    if not run.dist.is_main:
+        return
+    if run.step % run.cfg.log_every == 0 or run.step == run.max_steps:
+        run.run_dir.log_metrics(record)
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            run.writer.add_scalar(f"train/{k}", record[k], run.step)
+    postfix = {"loss": f"{run.loss:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if "gpu_mem_reserved_gib" in record:
+        postfix["mem"] = f"{record['gpu_mem_reserved_gib']:.1f}G"
+    run.pbar.set_postfix(postfix, refresh=False)
+    run.pbar.update(1)
+    run.run_dir.set_status(state="running", step=run.step, loss=run.loss, epoch=record["epoch"])
+
+
+def evaluation_due(run: TrainingRun) -> bool:
+    if run.validation is None or not len(run.validation):
+        return False
+    return run.step == run.max_steps or bool(run.cfg.eval_every and run.step % run.cfg.eval_every == 0)
+
+
+def validate(run: TrainingRun) -> None:
+    val_loss, val_tokens = evaluate(run.model, run.validation, run.cfg, run.dist)
+    if run.dist.is_main:
+        run.run_dir.log_metrics({"step": run.step, "val_loss": val_loss, "val_label_tokens": val_tokens})
+        run.writer.add_scalar("val/loss", val_loss, run.step)
+        run.pbar.write(f"step {run.step}: validation loss {val_loss:.4f} ({val_tokens} label tokens)")
+        run.run_dir.set_status(val_loss=val_loss)
+
+
+def save(run: TrainingRun) -> None:
+    """A checkpoint of this step (every rank's RNG; rank 0 writes), after checking the replicas are identical."""
+    gathered = run.dist.gather((capture_rng(), lora_digest(run.trainable)))
+    rng_states, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+    if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
+        raise RuntimeError(f"LoRA weights differ across ranks at step {run.step}: {digests}")
+    if run.dist.is_main:
+        path = save_checkpoint(run.run_dir.path, run.step, peft_model=run.model, optimizer=run.optimizer,
+                               scheduler=run.scheduler,
+                               trainer_state={"rows_consumed": run.rows_consumed, "tokens_seen": run.tokens_seen,
+                                              "epoch": run.epoch, "loss": run.loss, "seed": run.cfg.seed,
+                                              "world_size": run.dist.world, "lora_sha256_per_rank": digests,
+                                              "fingerprint": run.fingerprint,
+                                              "fingerprint_parts": run.fingerprint_parts},
+                               rng_states=rng_states, keep=run.cfg.keep_checkpoints)
+        run.run_dir.set_status(checkpoint=str(path))
+    run.dist.barrier()
+
+
+def finish(run: TrainingRun, stopped: bool) -> int:
+    """Stopped: the checkpoint just written is where the next job resumes. Finished: the final adapter."""
+    if stopped:
+        if run.dist.is_main:
+            print(f"finetune.py: stop requested; checkpoint at step {run.step} written, rerun the same command "
+                  f"to resume")
+            run.run_dir.set_status(state="stopped", step=run.step)
+        return 0
+    if run.dist.is_main:
+        with atomic_dir(run.run_dir.adapter_path) as tmp:
+            run.model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+        print(f"finetune.py: finished {run.step} steps; adapter in {run.run_dir.adapter_path}")
+        run.run_dir.set_status(state="finished", step=run.step)
+    run.dist.barrier()
+    return 0
+
+
+def record_failure(run: TrainingRun, e: BaseException) -> None:
+    if run.dist.is_main and not (isinstance(e, SystemExit) and not e.code):
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        run.run_dir.set_status(state="failed", step=run.step, message=f"{type(e).__name__}: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path, start_step: int) -> None:
     lines = ["finetune.py resolved recipe:"]
     for k, v in as_dict(cfg).items():
         lines.append(f"  {k:24s} {','.join(v) if isinstance(v, list) else v}")
@@ -550,14 +465,31 @@ def print_recipe(cfg: TrainConfig, resolved: dict, mem, resume_path, start_step:
         f"  {'steps':24s} {r['max_steps']} (= {r['epochs']:.2f} epochs of {r['train_rows']} rows), warm-up "
         f"{r['warmup_steps']}",
     ]
-    if env.device.type != "cuda":
-        lines.append(f"  {'estimated peak GPU mem':24s} n/a (training on {env.device})")
-    elif mem is None:
-        lines.append(f"  {'estimated peak GPU mem':24s} n/a (the estimator qlora/memory.py is not in this checkout)")
+    if torch.device(r["device"]).type == "cuda":
+        lines.append(f"  {'estimated peak GPU mem':24s} {plan.estimate.summary(plan.gpu_gib)}")
     else:
-        lines.append(f"  {'estimated peak GPU mem':24s} {mem[0]}")
+        lines.append(f"  {'estimated peak GPU mem':24s} n/a (training on {r['device']})")
     lines.append(f"  {'resume':24s} " + (f"from {resume_path} (step {start_step})" if resume_path else "fresh start"))
     print("\n".join(lines), flush=True)
+
+
+def estimate_memory_only(cfg: TrainConfig) -> int:
+    """--estimate-memory: print the table; 0 if it fits, 1 with the knobs to turn if not (training would refuse)."""
+    model_config = validate_model_dir(cfg.model) if cfg.model else None
+    data_len = int(read_metadata(cfg.data)["max_len"]) if cfg.data else None
+    seq_len = cfg.seq_len or data_len or 8192
+    if cfg.seq_len and data_len and cfg.seq_len != data_len:
+        print(f"finetune.py: planning for --seq-len {cfg.seq_len}, not the max_len {data_len} of {cfg.data}")
+    world = cfg.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    # as training plans: this machine's GPU when it has one (--gpu-memory-gib wins), else 40 GiB
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    plan = plan_memory(cfg, model_config=model_config, max_len=seq_len, world_size=world, gpu_total_bytes=gpu_bytes)
+    print(plan.estimate.table(plan.gpu_gib), flush=True)
+    advice = fit_advice(plan, table_shown=True)
+    if advice:
+        print(f"finetune.py: {advice}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ import warnings
 from pathlib import Path
 
 from qlora.errors import UserError, run_main
+from qlora.llama3 import FORMATS
+from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, STEP_DIR, checkpoints_dir, run_dir_of_adapter
 from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags
 
 # ------------------------------------------------------------------------------------------------- defaults
@@ -192,20 +194,18 @@ def resolve_adapter(arg: str) -> tuple[Path | None, Path | None]:
         raise UserError(f"--adapter {p}: no such directory (give a finetune.py run directory, an adapter directory or 'none')")
     if not p.is_dir():
         raise UserError(f"--adapter {p}: not a directory")
-    if (p / "adapter").is_dir():  # a run directory, or one of its checkpoints (RUN/checkpoints/step-N/adapter)
-        adapter = p / "adapter"
+    if (p / ADAPTER_DIR).is_dir():  # a run directory, or one of its checkpoints (RUN/checkpoints/step-N/adapter)
+        adapter = p / ADAPTER_DIR
     elif (p / "adapter_config.json").exists() or (p / "adapter_model.safetensors").exists():
         adapter = p
-    elif (p / "checkpoints").is_dir():
-        steps = sorted(c.name for c in (p / "checkpoints").iterdir() if c.name.startswith("step-"))
-        hint = f"; its newest checkpoint is {p / 'checkpoints' / steps[-1]}" if steps else ""
+    elif checkpoints_dir(p).is_dir():
+        steps = sorted(c.name for c in checkpoints_dir(p).iterdir() if STEP_DIR.match(c.name))
+        hint = f"; its newest checkpoint is {checkpoints_dir(p) / steps[-1]}" if steps else ""
         raise UserError(f"--adapter {p}: run has no final adapter (RUN/adapter) yet{hint}")
     else:
         raise UserError(f"--adapter {p}: neither a run directory (RUN/adapter) nor an adapter directory "
                         f"(adapter_config.json, adapter_model.safetensors)")
-    # The run directory (config.json + status.json) is 1 level up from RUN/adapter, 3 from a checkpoint's adapter.
-    run = next((q for q in (adapter.parent, adapter.parent.parent, adapter.parent.parent.parent)
-                if (q / "config.json").is_file() and (q / "status.json").is_file()), None)
+    run = run_dir_of_adapter(adapter)
     missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
     if missing:
         raise UserError(f"--adapter {adapter}: incomplete adapter, missing: {', '.join(missing)}")
@@ -240,13 +240,13 @@ def training_defaults(run: Path | None) -> dict:
     data_processing.py metadata carried through pretokenize.py: system prompt, joiner and vocabulary hash."""
     if run is None:
         return {}
-    cfg = read_json(run / "config.json", "run config")
+    cfg = read_json(run / CONFIG_FILE, "run config")
     fmt = _find(cfg, "data_metadata.format")
     stage1 = "data_metadata.input.metadata."
     return {
         "model": _find(cfg, "config.model"),
         "model_config": _find(cfg, "model_config"),
-        "format": fmt if fmt in ("chat", "plain") else None,  # "mixed" data: each record says its own
+        "format": fmt if fmt in FORMATS else None,  # "mixed" data: each record says its own
         "system": _find(cfg, stage1 + "options.system_prompt"),
         "joiner": _find(cfg, stage1 + "options.joiner"),
         "vocab_sha256": _find(cfg, stage1 + "vocab.sha256"),
@@ -281,7 +281,7 @@ def load_vocab(args: argparse.Namespace, trained: dict, run: Path | None, data_m
     vocab = load_hand_vocab(args.vocab, choose_specials=False)
     if trained.get("vocab_sha256") and trained["vocab_sha256"] != vocab.sha256:
         raise UserError(f"--vocab {args.vocab} is not the vocabulary the adapter was trained with (its id->token "
-                        f"sha256 differs from the one data_processing.py recorded in {run / 'config.json'})")
+                        f"sha256 differs from the one data_processing.py recorded in {run / CONFIG_FILE})")
     data_vocab = _find(data_meta, "vocab.sha256")
     if data_vocab and data_vocab != vocab.sha256:
         raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.input} was made with (its id->token "

@@ -37,8 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 # name -> recipe. Keys: upcast (prepare_model_for_kbit_training), attn (sdpa|flex_attention), doc_mask (position ids
 # restart per document, so attention keeps documents apart), adapters (fp32|bf16 storage), fast_lora, liger (norm,
 # swiglu, rope), fused_mlp, loss (hf|liger), ckpt (-1 all blocks, N first N blocks, 0 none), reentrant.
@@ -236,6 +234,7 @@ def bench_config(name, recipe, base, cfg_dict, args, batches):
     from peft import LoraConfig, get_peft_model
 
     from qlora import speed
+    from qlora.llama3 import LORA_TARGETS
 
     torch.manual_seed(0)
     model = base
@@ -244,7 +243,8 @@ def bench_config(name, recipe, base, cfg_dict, args, batches):
 
         model = prepare_model_for_kbit_training(model)
     model.set_attn_implementation(recipe["attn"])
-    lcfg = LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                      task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg, autocast_adapter_dtype=(recipe["adapters"] == "fp32"))
     if not recipe["upcast"]:
         if recipe["ckpt"] != 0 and recipe["reentrant"]:

@@ -21,12 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.memory import LLAMA3_70B  # noqa: E402
-from qlora.tiny_model import LLAMA3_8B_CONFIG, write_tokenizer_files  # noqa: E402
+from qlora.llama3 import LLAMA3_8B_CONFIG, LLAMA3_70B_CONFIG  # noqa: E402
+from qlora.tiny_model import write_tokenizer_files  # noqa: E402
 
-# Llama-3-70B's config differs from the 8B's only in these sizes (same vocabulary, RoPE, norms, context)
-SHAPES = {"8b": {}, "70b": {k: LLAMA3_70B[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                        "num_key_value_heads")}}
+SHAPES = {"8b": LLAMA3_8B_CONFIG, "70b": LLAMA3_70B_CONFIG}
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -55,8 +53,7 @@ def main() -> None:
     t0 = time.time()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(LLAMA3_8B_CONFIG, **SHAPES[args.shape], num_hidden_layers=args.layers, dtype="bfloat16",
-               transformers_version="5.17.0")
+    cfg = dict(SHAPES[args.shape], num_hidden_layers=args.layers, dtype="bfloat16", transformers_version="5.17.0")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))

@@ -3,13 +3,14 @@
 A checkpoint holds everything needed to continue bit-for-bit: the LoRA weights (PEFT format, fp32), optimizer and
 LR-scheduler state, every rank's RNG states, the data position (rows consumed from the seeded stream) and the
 fingerprint of model + LoRA config + data that a resume must match. trainer_state.json is written last inside the
-temporary directory, and the directory is renamed into place only after it, so a listed checkpoint is complete.
+temporary directory, and the directory is renamed into place only after it, so a listed checkpoint is complete
+(qlora/rundir.py names the files and lists the checkpoints).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -17,26 +18,9 @@ import numpy as np
 import torch
 
 from .atomic import atomic_dir
+from .config import FINGERPRINT_KEYS, TrainConfig
 from .errors import UserError
-
-STEP_DIR = re.compile(r"^step-(\d{7,})$")
-
-
-def checkpoints_dir(run_dir) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary dirs of an interrupted save start with '.' and are skipped)."""
-    d = checkpoints_dir(run_dir)
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+from .rundir import ADAPTER_DIR, TRAINER_STATE_FILE, checkpoints_dir, list_checkpoints, step_dir_name
 
 
 def capture_rng() -> dict:
@@ -57,13 +41,13 @@ def restore_rng(state: dict) -> None:
 def save_checkpoint(run_dir, step: int, *, peft_model, optimizer, scheduler, trainer_state: dict,
                     rng_states: list[dict], keep: int) -> Path:
     """Write step-NNNNNNN atomically (call on rank 0 only), then delete all but the newest `keep` checkpoints."""
-    path = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    path = checkpoints_dir(run_dir) / step_dir_name(step)
     with atomic_dir(path) as tmp:
-        peft_model.save_pretrained(tmp / "adapter")
+        peft_model.save_pretrained(tmp / ADAPTER_DIR)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng_states.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(trainer_state, step=step), indent=2) + "\n")
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=2) + "\n")
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoints_dir(run_dir).glob(".step-*"):  # leftovers of a save killed mid-way
@@ -72,7 +56,27 @@ def save_checkpoint(run_dir, step: int, *, peft_model, optimizer, scheduler, tra
 
 
 def read_trainer_state(path) -> dict:
-    return json.loads((Path(path) / "trainer_state.json").read_text())
+    return json.loads((Path(path) / TRAINER_STATE_FILE).read_text())
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / TRAINER_STATE_FILE).is_file()
+
+
+def run_fingerprint(cfg: TrainConfig, model_config: dict, meta: dict, train_rows: int) -> tuple[str, dict]:
+    """(sha256, parts) of what a checkpoint must share with the run that resumes it: the base model (shape and
+    weight files), the LoRA recipe and optimizer (FINGERPRINT_KEYS), and the training data."""
+    parts = json.loads(json.dumps({
+        "model": {**{k: model_config.get(k) for k in (
+            "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "rope_theta", "tie_word_embeddings")},
+                  "weights": sorted((p.name, p.stat().st_size) for p in Path(cfg.model).glob("*.safetensors"))},
+        "lora": {k: getattr(cfg, k) for k in FINGERPRINT_KEYS},
+        "data": {"tokenizer_sha256": meta["tokenizer"].get("sha256"), "max_len": int(meta["max_len"]),
+                 "train_rows": train_rows, "train_shards": meta["splits"]["train"].get("shards"),
+                 "train_tokens": meta["splits"]["train"].get("tokens")},
+    }))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), parts
 
 
 def check_fingerprint(path, fingerprint: str, parts: dict) -> None:
@@ -114,7 +118,7 @@ def load_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int) -> dic
 
     path = Path(path)
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
+    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"), device=str(device))
     result = set_peft_model_state_dict(peft_model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -157,7 +161,7 @@ def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, schedu
 
     from .fsdp import save_adapter
 
-    path = checkpoints_dir(run_dir) / f"step-{step:07d}"
+    path = checkpoints_dir(run_dir) / step_dir_name(step)
     tmp = path.with_name(f".{path.name}.sharded-tmp")  # one name for every rank (atomic_dir's is per process)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,12 +170,12 @@ def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, schedu
     lora = get_model_state_dict(peft_model, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save(lora, checkpoint_id=str(tmp / "lora"))
     torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank-{rank:05d}.pt")
-    save_adapter(peft_model, tmp / "adapter", is_main=rank == 0)
+    save_adapter(peft_model, tmp / ADAPTER_DIR, is_main=rank == 0)
     if rank == 0:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng_states.pt")
         state = dict(trainer_state, step=step, parallelism="fsdp", world_size=dist.get_world_size())
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's files are on disk before the directory becomes a listed checkpoint
     if rank == 0:
         trash = path.with_name(f".{path.name}.old")

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .memory import LORA_TARGETS
+from .llama3 import LORA_TARGETS
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -307,7 +305,3 @@ def validate(cfg: TrainConfig) -> None:
 def as_dict(cfg: TrainConfig) -> dict:
     """The training settings, as printed at start and recorded in RUN/config.json."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ESTIMATE_ONLY_KEYS}
-
-
-def fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -4,8 +4,9 @@ The order is an endless stream of rows: epoch e is a permutation of all rows (ro
 shuffled inside each group), epochs concatenated. Optimizer step s takes stream rows [s*G, (s+1)*G) with
 G = micro_batch x grad_accum x world_size; rank r takes its own contiguous slice of those. So the data position is
 one number — rows consumed — valid for any number of ranks, and no row is dropped at an epoch's end. Row groups
-hold <= 64 rows (contract), so shuffling by group plus within-group keeps reads to one group at a time instead of
+hold <= 64 rows (contract 3), so shuffling by group plus within-group keeps reads to one group at a time instead of
 loading a shard. Hand-written because no library sampler resumes mid-epoch from a row count across world sizes.
+check_data refuses, before any model is loaded, data the model cannot train on.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import numpy as np
 from .errors import UserError
 
 COLUMNS = ("input_ids", "labels", "doc_lens")
-IGNORE_INDEX = -100
 
 
 def read_metadata(data_dir: str | os.PathLike) -> dict:
@@ -28,6 +28,24 @@ def read_metadata(data_dir: str | os.PathLike) -> dict:
     from .shards import read_shard_metadata
 
     return read_shard_metadata(data_dir)
+
+
+def check_data(data_dir: str | os.PathLike, model_dir: str | os.PathLike, model_config: dict, tokenizer) -> dict:
+    """read_metadata, and refuse data this model cannot train on: shards made with another tokenizer, rows longer
+    than its context, an empty train split. Returns the metadata."""
+    from .llama3 import tokenizer_fingerprint
+    from .shards import read_shard_metadata
+
+    meta = read_shard_metadata(data_dir, tokenizer_sha256=tokenizer_fingerprint(tokenizer))
+    meta_path = Path(data_dir) / "metadata.json"
+    max_pos = model_config.get("max_position_embeddings")
+    if max_pos is not None and int(meta["max_len"]) > int(max_pos):
+        raise UserError(f"{meta_path}: max_len {meta['max_len']} exceeds the model's context "
+                        f"(max_position_embeddings={max_pos} in {model_dir}/config.json); rerun pretokenize.py "
+                        f"with --max-len {max_pos} or less")
+    if not meta["splits"]["train"].get("rows"):
+        raise UserError(f"{meta_path}: the train split has no rows (empty data set)")
+    return meta
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from .errors import UserError
+from .llama3 import IGNORE_INDEX
 
 # NF4 bytes packed two to a byte, stored as bf16 pairs: FSDP2 shards float storage like any bf16 weight.
 QUANT_STORAGE = torch.bfloat16
@@ -182,9 +183,9 @@ def even_eval_batches(batches: list[dict], per_rank: int, filler: dict) -> list[
 
     Every forward under FSDP gathers weights with all ranks, so every rank must run as many forwards as the others;
     qlora.data.eval_micro_batches deals batches round-robin, which leaves some ranks one short. A filler's labels
-    are all -100: it adds nothing to the summed loss or the label count.
+    are all IGNORE_INDEX: it adds nothing to the summed loss or the label count.
     """
     import numpy as np
 
-    blank = dict(filler, labels=np.full_like(filler["labels"], -100))
+    blank = dict(filler, labels=np.full_like(filler["labels"], IGNORE_INDEX))
     return list(batches) + [blank] * (per_rank - len(batches))

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
-from .llama3 import BOS, END_OF_TEXT_ID, EOT, EOT_ID, EOT_TEXT, PAD_ID, format_chat_prompt
+from .llama3 import (BOS, END_OF_TEXT_ID, EOT, EOT_ID, EOT_TEXT, FORMATS, IGNORE_INDEX, PAD_ID,
+                     format_chat_prompt)
 
 STOP_IDS = (EOT_ID, END_OF_TEXT_ID)
-FORMATS = ("chat", "plain")
 BATCH_TOKENS = 8192  # padded tokens per forward over many prompts (a prefill, a reference-loss batch): large GEMMs,
 #                      ~1.4 GB of activations on Llama-3-8B
 
@@ -273,7 +273,7 @@ def reference_losses(model, tokenizer, records: list[PromptRecord], joiner: str,
     """
     import torch
 
-    from .loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
+    from .loss import linear_cross_entropy_sum, shift_labels
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = base.get_input_embeddings().weight.device

@@ -1,4 +1,4 @@
-"""Llama-3 prompt formats, special-token ids and tokenizer loading, shared by every stage.
+"""Llama-3 facts shared by every stage: prompt formats, special-token ids, the 8B and 70B configs, tokenizers.
 
 We never rely on a tokenizer adding <|begin_of_text|> by itself: Meta's tokenizer files add it through their
 post-processor, a bare tokenizer.json does not. Every stage encodes with add_special_tokens=False and places
@@ -30,6 +30,28 @@ EOT_ID = 128009
 PAD_ID = END_OF_TEXT_ID
 
 ASSISTANT_HEADER = f"{START_HEADER}assistant{END_HEADER}\n\n"
+
+# The two text formats of a training record: "plain" (BOS + text + <|end_of_text|>) and "chat" (Llama-3 headers).
+# pretokenize.py records per-format counts in this order.
+FORMATS = ("plain", "chat")
+# Label of a token that gets no loss (padding, prompts, each document's BOS); torch's cross_entropy ignores it.
+IGNORE_INDEX = -100
+
+# The seven linear projections of a Llama decoder block: where LoRA goes (all of them by default).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The exact Llama-3-8B config (as in Meta's config.json): the memory estimator's default model, the shape the tiny
+# test model shrinks, and what bench/ builds random-weight checkpoints from.
+LLAMA3_8B_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+    bos_token_id=BOS_ID, eos_token_id=END_OF_TEXT_ID, tie_word_embeddings=False, attention_bias=False,
+    mlp_bias=False, initializer_range=0.02,
+)
+# Llama-3-70B differs only in its sizes (same vocabulary, RoPE, norms, context): the FSDP planning's large model.
+LLAMA3_70B_CONFIG = dict(LLAMA3_8B_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                         num_attention_heads=64, num_key_value_heads=8)
 
 
 def header(role: str) -> str:

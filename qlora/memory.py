@@ -1,9 +1,7 @@
 """Peak GPU memory of one QLoRA training process, from the model config alone (no GPU, no weights).
 
-`python finetune.py --estimate-memory` prints the table of `resolve_speed_settings(...)["estimate"]`, and the knobs of
-`fit_advice` when it does not fit; finetune.py refuses a configuration whose estimate does not fit the GPU before
-loading anything (`check_fits`, the same knobs), and `--checkpoint-layers auto` picks the fewest checkpointed blocks
-that fit (`choose_checkpoint_layers`).
+Only the estimate lives here; qlora/plan.py turns finetune.py's settings into estimate_memory's arguments, picks the
+fewest recomputed blocks that fit (`choose_checkpoint_layers`) and DDP or FSDP, and refuses what does not fit.
 
 What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vocab, T = micro-batch x seq tokens):
   * 4-bit base: 0.5 B/param for the seven projections of every block, plus NF4 quantisation constants (one uint8
@@ -39,17 +37,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .llama3 import LLAMA3_8B_CONFIG, LORA_TARGETS
+
 GiB = 2**30
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)        # CUDA context + cuBLAS/Triton workspaces, outside the allocator
 ALLOCATOR_SLACK_BYTES = int(0.4 * GiB)     # reserved - allocated at the peak with expandable segments (measured)
 DEFAULT_BUDGET_FRACTION = 0.9              # use at most 90% of the card (36 GiB of a 40 GB A100)
-
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
-LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)
-PARALLELISMS = ("auto", "ddp", "fsdp")
 
 
 def projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
@@ -148,7 +141,7 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
 
     parallelism: "ddp" (every process holds the whole model) or "fsdp" (qlora/fsdp.py: 1/world_size of it).
     """
-    cfg = dict(LLAMA3_8B if model_config is None else model_config)
+    cfg = dict(LLAMA3_8B_CONFIG if model_config is None else model_config)
     layers, h, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
     n_ckpt = layers if checkpoint_layers < 0 else min(checkpoint_layers, layers)
     shapes = projection_shapes(cfg)
@@ -246,137 +239,10 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     return est
 
 
-def choose_parallelism(requested: str, model_config: dict | None, *, world_size: int, budget_bytes: float,
-                       **kw) -> str:
-    """"ddp" or "fsdp" for --parallelism auto|ddp|fsdp: DDP (a whole model per GPU, no weight traffic: faster) when
-    one process fits budget_bytes with every block recomputed, else FSDP. An explicit ddp or fsdp wins.
-
-    kw: estimate_memory's recipe keywords (checkpoint_layers and parallelism are set here).
-    """
-    from .errors import UserError
-
-    if requested not in PARALLELISMS:
-        raise UserError(f"--parallelism {requested}: choose one of {', '.join(PARALLELISMS)}")
-    if requested != "auto":
-        return requested
-    if world_size == 1:
-        return "ddp"  # one process: nothing to shard over
-    kw = {k: v for k, v in kw.items() if k not in ("checkpoint_layers", "parallelism")}
-    smallest = estimate_memory(model_config, checkpoint_layers=-1, world_size=world_size, parallelism="ddp", **kw)
-    return "ddp" if smallest.fits(budget_bytes) else "fsdp"
-
-
 def choose_checkpoint_layers(model_config: dict | None, budget_bytes: float, **kw) -> int | None:
     """Fewest checkpointed blocks whose estimate fits budget_bytes (total on the GPU); None if even all do not."""
-    layers = (model_config or LLAMA3_8B)["num_hidden_layers"]
+    layers = (model_config or LLAMA3_8B_CONFIG)["num_hidden_layers"]
     for n in range(layers + 1):
         if estimate_memory(model_config, checkpoint_layers=n, **kw).total_bytes <= budget_bytes:
             return n
     return None
-
-
-# ----------------------------------------------------------------------------------------------- finetune.py glue
-def _liger_installed() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_kernels(requested: str, device_type: str | None) -> str:
-    """'liger' or 'none'. device_type None = planning for a GPU (--estimate-memory on a machine without one)."""
-    from .errors import UserError
-
-    if requested == "none":
-        return "none"
-    on_gpu = device_type in (None, "cuda")
-    if requested == "liger":
-        if not on_gpu:
-            raise UserError("--kernels liger: the fast path needs a CUDA GPU (Triton kernels); use --kernels auto or "
-                            "none on CPU")
-        if not _liger_installed():
-            raise UserError("--kernels liger: liger-kernel is not installed (bash install_prereqs, or pip install "
-                            "liger-kernel); or use --kernels none")
-        return "liger"
-    return "liger" if on_gpu and _liger_installed() else "none"
-
-
-def resolve_speed_settings(cfg, *, model_config: dict | None, max_len: int | None, world_size: int = 1,
-                           device_type: str | None = None, gpu_total_bytes: int | None = None) -> dict:
-    """finetune.py's kernels and checkpointed blocks, resolved before loading, with the estimate that justifies them.
-
-    Returns {"kernels": "liger"|"none", "checkpoint_layers": -1 (all) | N, "gpu_gib": float, "estimate": ...}.
-    """
-    from .errors import UserError
-
-    kernels = resolve_kernels(getattr(cfg, "kernels", "auto"), device_type)
-    gpu_gib = float(getattr(cfg, "gpu_memory_gib", None) or (gpu_total_bytes / GiB if gpu_total_bytes else 40.0))
-    layers = (model_config or LLAMA3_8B)["num_hidden_layers"]
-    requested = str(getattr(cfg, "checkpoint_layers", "auto"))
-    low = getattr(cfg, "low_memory", False)
-    if not getattr(cfg, "gradient_checkpointing", True):
-        if low:
-            raise UserError("--low-memory recomputes every block: drop --no-gradient-checkpointing")
-        n = 0
-    elif low or requested == "all":
-        n = -1
-    elif requested.isdigit():
-        n = -1 if int(requested) >= layers else int(requested)
-    elif device_type == "cpu":
-        n = -1
-    else:
-        kw = recipe_from_config(cfg, kernels=kernels)
-        kw.pop("checkpoint_layers")
-        n = choose_checkpoint_layers(model_config, DEFAULT_BUDGET_FRACTION * gpu_gib * GiB, seq_len=max_len or 8192,
-                                     world_size=world_size, **kw)
-        n = -1 if n is None or n >= layers else n
-    kw = recipe_from_config(cfg, kernels=kernels)
-    kw["checkpoint_layers"] = n
-    est = estimate_memory(model_config, seq_len=max_len or 8192, world_size=world_size, **kw)
-    return {"kernels": kernels, "checkpoint_layers": n, "gpu_gib": gpu_gib, "estimate": est}
-
-
-def check_fits(settings: dict) -> None:
-    """One-line refusal, naming the knobs, when the estimated peak does not fit the GPU."""
-    from .errors import UserError
-
-    advice = fit_advice(settings)
-    if advice:
-        raise UserError(advice)
-
-
-def fit_advice(settings: dict, *, table_shown: bool = False) -> str | None:
-    """None if the estimate fits the GPU, else one line naming the knobs (check_fits' and --estimate-memory's)."""
-    est, gpu_gib = settings["estimate"], settings["gpu_gib"]
-    if est.fits(gpu_gib * GiB):
-        return None
-    s = est.settings
-    knobs = []
-    if s["micro_batch_size"] > 1:
-        knobs.append("--micro-batch-size 1 (raise --grad-accum instead)")
-    if s["checkpoint_layers"] < s["layers"]:
-        knobs.append("--checkpoint-layers all or --low-memory")
-    if s["kernels"] != "liger":
-        knobs.append("--kernels auto on a GPU with liger-kernel installed")
-    knobs.append("a smaller pretokenize.py --max-len")
-    table = "" if table_shown else "; python finetune.py --estimate-memory ... shows the table"
-    return (f"estimated peak GPU memory {est.total_bytes / GiB:.1f} GiB does not fit the {gpu_gib:g} GiB GPU "
-            f"(seq {s['seq_len']} x micro-batch {s['micro_batch_size']}, {s['checkpoint_layers']}/{s['layers']} "
-            f"blocks recomputed{table}): try " + ", ".join(knobs) + " (or --gpu-memory-gib if the GPU is larger)")
-
-
-def recipe_from_config(cfg, kernels: str | None = None) -> dict:
-    """estimate_memory keywords for a finetune TrainConfig (fields read with defaults, so older configs work)."""
-    if kernels is None:
-        kernels = resolve_kernels(getattr(cfg, "kernels", "auto"), None)
-    ckpt = str(getattr(cfg, "checkpoint_layers", "all"))
-    if not getattr(cfg, "gradient_checkpointing", True):
-        ckpt = 0
-    elif getattr(cfg, "low_memory", False) or ckpt == "all":
-        ckpt = -1
-    elif ckpt.lstrip("-").isdigit():
-        ckpt = int(ckpt)
-    return dict(micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_target_modules),
-                checkpoint_layers=ckpt, kernels=kernels, fused_mlp=kernels == "liger", fused_loss=kernels == "liger",
-                optimizer=cfg.optimizer, quantize=cfg.quantize, loss_chunk_size=getattr(cfg, "loss_chunk_size", 1024))

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
-from .memory import LORA_TARGETS as LORA_TARGET_MODULES  # the one list of the seven projections
+from .llama3 import IGNORE_INDEX, LORA_TARGETS
+from .loss import linear_cross_entropy_sum, shift_labels
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -153,7 +153,7 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
 
 # ----------------------------------------------------------------------------------------------- LoRA
 def apply_lora(model, *, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules=LORA_TARGET_MODULES, gradient_checkpointing: bool = True, seed: int = 0,
+               target_modules=LORA_TARGETS, gradient_checkpointing: bool = True, seed: int = 0,
                checkpoint_layers: int = -1, kernels: str = "none"):
     """Freeze the base, optionally enable non-reentrant checkpointing, and add LoRA to `target_modules` of every block.
 
@@ -193,7 +193,7 @@ def apply_lora(model, *, r: int = 64, alpha: float = 16.0, dropout: float = 0.0,
     return peft_model
 
 
-def check_lora_placement(peft_model, target_modules=LORA_TARGET_MODULES) -> None:
+def check_lora_placement(peft_model, target_modules=LORA_TARGETS) -> None:
     """Every target projection of every decoder block has LoRA A/B, and nothing else is trainable."""
     base = peft_model.get_base_model()
     expected = set()

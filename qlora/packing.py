@@ -29,13 +29,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import UserError
-from .llama3 import ASSISTANT_HEADER, BOS_ID, END_OF_TEXT_ID, EOT_ID, LONE_SURROGATE_RE, PAD_ID
+from .llama3 import (ASSISTANT_HEADER, BOS_ID, END_OF_TEXT_ID, EOT_ID, FORMATS, IGNORE_INDEX, LONE_SURROGATE_RE,
+                     PAD_ID)
 
-FORMATS = ("plain", "chat")
 END_ID = {"plain": END_OF_TEXT_ID, "chat": EOT_ID}
 DEFAULT_LONG_POLICY = {"plain": "split", "chat": "drop"}
 LONG_POLICIES = ("split", "drop", "error")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -155,7 +154,7 @@ class PackStats:
 
 
 @dataclass
-class Row:
+class PackedRow:
     input_ids: np.ndarray    # int32 [max_len]
     labels: np.ndarray       # int32 [max_len]
     doc_lens: list[int]
@@ -177,14 +176,14 @@ class _Bin:
         self.doc_lens.append(n)
         self.mask_lens.append(mask_len)
 
-    def to_row(self) -> Row:
+    def to_row(self) -> PackedRow:
         labels = self.ids.copy()
         start = 0
         for n, m in zip(self.doc_lens, self.mask_lens):
             labels[start:start + m] = IGNORE_INDEX
             start += n
         labels[self.used:] = IGNORE_INDEX
-        return Row(self.ids, labels, self.doc_lens)
+        return PackedRow(self.ids, labels, self.doc_lens)
 
 
 class Packer:
@@ -213,7 +212,7 @@ class Packer:
         self._next_id = 0
 
     # -- input -----------------------------------------------------------------------------------------------
-    def add_chunk(self, chunk: TokenizedChunk) -> Iterator[Row]:
+    def add_chunk(self, chunk: TokenizedChunk) -> Iterator[PackedRow]:
         offsets = np.concatenate(([0], np.cumsum(chunk.lens)))
         L = self.max_len
         for i in range(len(chunk)):
@@ -252,13 +251,13 @@ class Packer:
             self.stats.documents += 1
             yield from self._add(ids.copy(), mask)
 
-    def _add(self, ids: np.ndarray, mask: int) -> Iterator[Row]:
+    def _add(self, ids: np.ndarray, mask: int) -> Iterator[PackedRow]:
         self._window.append((ids, mask))
         self._window_tokens += len(ids)
         if self._window_tokens >= self.window_tokens:
             yield from self._flush_window()
 
-    def _flush_window(self) -> Iterator[Row]:
+    def _flush_window(self) -> Iterator[PackedRow]:
         window = sorted(self._window, key=lambda d: -len(d[0]))  # stable: equal lengths keep input order
         self._window, self._window_tokens = [], 0
         for ids, mask in window:
@@ -281,13 +280,13 @@ class Packer:
                 _, fullest = self._free.pop(0)
                 yield self._emit(self._bins.pop(fullest))
 
-    def _emit(self, b: _Bin) -> Row:
+    def _emit(self, b: _Bin) -> PackedRow:
         self.stats.rows += 1
         self.stats.segments += len(b.doc_lens)
         self.stats.tokens += b.used
         return b.to_row()
 
-    def finish(self) -> Iterator[Row]:
+    def finish(self) -> Iterator[PackedRow]:
         yield from self._flush_window()
         for _, bid in sorted(self._free):
             yield self._emit(self._bins.pop(bid))
@@ -295,7 +294,7 @@ class Packer:
 
 
 def pack_documents(chunks: Iterable[TokenizedChunk], max_len: int, *, long_policy: dict[str, str] | None = None,
-                   stats: PackStats | None = None, **packer_kw) -> Iterator[Row]:
+                   stats: PackStats | None = None, **packer_kw) -> Iterator[PackedRow]:
     """Rows of exactly max_len tokens from a stream of tokenized chunks (see Packer)."""
     packer = Packer(max_len, long_policy=long_policy, stats=stats, **packer_kw)
     for chunk in chunks:

@@ -25,13 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-
-def liger_available() -> bool:
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+from .llama3 import IGNORE_INDEX
 
 
 def _lora_parts(module):
@@ -88,11 +82,17 @@ _ROPE = {"depth": 0, "orig": None}
 
 
 def _rope_dispatch(q, k, cos, sin, *args, **kwargs):
-    """Module-level apply_rotary_pos_emb of transformers' Llama: Liger's kernel inside a patched attention module only."""
-    if _ROPE["depth"]:
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    """Module-level apply_rotary_pos_emb of transformers' Llama: Liger's kernel inside a patched attention module only.
 
-        return liger_rotary_pos_emb(q, k, cos, sin)
+    Liger's Triton autograd function directly, like the other kernels here: its public liger_rotary_pos_emb goes
+    through Liger's backend dispatcher, which on first use imports every backend declared for RoPE (CuTe DSL, Ascend)
+    and logs a "Backend impl ... could not be imported" warning for each one not installed, before picking this
+    same Triton function.
+    """
+    if _ROPE["depth"]:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        return LigerRopeFunction.apply(q, k, cos, sin)
     return _ROPE["orig"](q, k, cos, sin, *args, **kwargs)
 
 
@@ -222,11 +222,11 @@ def checkpoint_layers(model, n: int) -> int:
 
 
 def fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies of hidden @ weight^T against targets (-100 ignored), logits never stored (Liger),
-    computed for the labelled tokens only (Liger would run the lm_head over ignored positions too)."""
+    """Sum of token cross-entropies of hidden @ weight^T against targets (IGNORE_INDEX skipped), logits never stored
+    (Liger), computed for the labelled tokens only (Liger would run the lm_head over ignored positions too)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    from .loss import IGNORE_INDEX, labelled_rows
+    from .loss import labelled_rows
 
     hidden, targets = labelled_rows(hidden, targets)
     if targets.numel() == 0:  # keep the graph connected: DDP needs every rank to produce (zero) gradients

@@ -10,16 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .llama3 import BOS, BOS_ID, END_OF_TEXT_ID, EOT_TEXT, bundled_tokenizer_json
-
-# The exact Llama-3-8B config (as in Meta's config.json); bench/ builds random-weight checkpoints from it.
-LLAMA3_8B_CONFIG = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
-    bos_token_id=BOS_ID, eos_token_id=END_OF_TEXT_ID, tie_word_embeddings=False, attention_bias=False,
-    mlp_bias=False, initializer_range=0.02,
-)
+from .llama3 import BOS, BOS_ID, EOT_TEXT, LLAMA3_8B_CONFIG, bundled_tokenizer_json
 
 
 def write_tokenizer_files(out: Path, style: str = "meta") -> None:

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from finetune import lr_lambda, make_optimizer
-from qlora.checkpoint import (capture_rng, check_fingerprint, list_checkpoints, load_checkpoint, save_checkpoint)
+from qlora.checkpoint import capture_rng, check_fingerprint, load_checkpoint, save_checkpoint
 from qlora.config import TrainConfig
 from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
 from qlora.errors import UserError
 from qlora.model import apply_lora, forward_loss, load_base_model
+from qlora.rundir import list_checkpoints
+from qlora.training import lr_lambda, make_optimizer
 from shard_fixtures import random_rows, write_rows
 
 
@@ -54,6 +55,7 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_rng_exactly(tiny_mo
     scheduler.step()
 
     model2, params2, optimizer2, scheduler2 = lora_setup(tiny_model_dir, seed=99)  # different init
+    assert not all(torch.equal(a, b) for a, b in zip(params, params2))  # control: only the restore makes them equal
     state = load_checkpoint(path, peft_model=model2, optimizer=optimizer2, scheduler=scheduler2, rank=0)
     assert state["step"] == 2 and state["rows_consumed"] == 8
     assert torch.equal(torch.rand(3), expected_rand)  # RNG restored

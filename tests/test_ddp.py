@@ -12,12 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
+from run_metrics import metric_records
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def records(run: Path, key: str) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r}
 
 
 @pytest.mark.slow
@@ -47,13 +44,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
         assert len(digests) == 2 and digests[0] == digests[1], f"ranks diverged at step {step}"
         assert state["rows_consumed"] == 4 * step
 
-    train2, train1 = records(run2, "loss"), records(run1, "loss")
+    train2, train1 = metric_records(run2, "loss"), metric_records(run1, "loss")
     assert sorted(train2) == sorted(train1) == [1, 2, 3]
     for step in train1:
         print(f"step {step}: 2 ranks {train2[step]['loss']:.9f}  1 process {train1[step]['loss']:.9f}")
         assert train2[step]["label_tokens"] == train1[step]["label_tokens"]  # same rows, split across ranks
         assert train2[step]["loss"] == pytest.approx(train1[step]["loss"], rel=1e-4)
-    val2, val1 = records(run2, "val_loss"), records(run1, "val_loss")
+    # control: steps that see other rows differ by far more than the tolerance, so a rank on the wrong rows would show
+    assert all(train1[s]["loss"] != pytest.approx(train1[s + 1]["loss"], rel=1e-3) for s in (1, 2))
+    val2, val1 = metric_records(run2, "val_loss"), metric_records(run1, "val_loss")
     assert val2[3]["val_label_tokens"] == val1[3]["val_label_tokens"]
     assert val2[3]["val_loss"] == pytest.approx(val1[3]["val_loss"], rel=1e-4)
 

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from qlora import fsdp
 from qlora.checkpoint import check_resume_parallelism, load_sharded_checkpoint
 from qlora.errors import UserError
-from qlora.memory import (GiB, LLAMA3_8B, LLAMA3_70B, choose_checkpoint_layers, choose_parallelism,
-                          estimate_memory)
+from qlora.llama3 import LLAMA3_8B_CONFIG, LLAMA3_70B_CONFIG
+from qlora.memory import GiB, choose_checkpoint_layers, estimate_memory
+from qlora.plan import choose_parallelism
 from qlora.model import TrainStep, apply_lora, forward_loss, load_base_model
 from shard_fixtures import random_rows, write_rows
 
@@ -184,19 +185,19 @@ def test_resume_refuses_the_other_parallelism_and_another_world_size(tmp_path):
 # ----------------------------------------------------------------------------------------------- estimate (fast)
 def test_70b_on_four_40gb_gpus_is_planned_under_fsdp():
     budget = 0.9 * 40 * GiB
-    assert choose_parallelism("auto", LLAMA3_70B, world_size=4, budget_bytes=budget) == "fsdp"
-    assert choose_parallelism("auto", LLAMA3_8B, world_size=4, budget_bytes=budget) == "ddp"  # fits: faster
-    assert choose_parallelism("auto", LLAMA3_70B, world_size=1, budget_bytes=budget) == "ddp"  # nothing to shard
-    assert choose_parallelism("ddp", LLAMA3_70B, world_size=4, budget_bytes=budget) == "ddp"
-    assert choose_parallelism("fsdp", LLAMA3_8B, world_size=4, budget_bytes=budget) == "fsdp"
+    assert choose_parallelism("auto", LLAMA3_70B_CONFIG, world_size=4, budget_bytes=budget) == "fsdp"
+    assert choose_parallelism("auto", LLAMA3_8B_CONFIG, world_size=4, budget_bytes=budget) == "ddp"  # fits: faster
+    assert choose_parallelism("auto", LLAMA3_70B_CONFIG, world_size=1, budget_bytes=budget) == "ddp"  # nothing to shard
+    assert choose_parallelism("ddp", LLAMA3_70B_CONFIG, world_size=4, budget_bytes=budget) == "ddp"
+    assert choose_parallelism("fsdp", LLAMA3_8B_CONFIG, world_size=4, budget_bytes=budget) == "fsdp"
     with pytest.raises(UserError, match="--parallelism zero3: choose one of auto, ddp, fsdp"):
-        choose_parallelism("zero3", LLAMA3_8B, world_size=4, budget_bytes=budget)
+        choose_parallelism("zero3", LLAMA3_8B_CONFIG, world_size=4, budget_bytes=budget)
 
-    n = choose_checkpoint_layers(LLAMA3_70B, budget, seq_len=8192, world_size=4, parallelism="fsdp")
+    n = choose_checkpoint_layers(LLAMA3_70B_CONFIG, budget, seq_len=8192, world_size=4, parallelism="fsdp")
     assert n is not None and 0 < n < 80  # some blocks keep their activations
-    est = estimate_memory(LLAMA3_70B, seq_len=8192, world_size=4, parallelism="fsdp", checkpoint_layers=n)
+    est = estimate_memory(LLAMA3_70B_CONFIG, seq_len=8192, world_size=4, parallelism="fsdp", checkpoint_layers=n)
     assert est.trainable_params == 828_375_040
-    assert est.total_bytes <= budget < estimate_memory(LLAMA3_70B, seq_len=8192, world_size=4, parallelism="fsdp",
+    assert est.total_bytes <= budget < estimate_memory(LLAMA3_70B_CONFIG, seq_len=8192, world_size=4, parallelism="fsdp",
                                                        checkpoint_layers=n - 1).total_bytes
     assert est.total_bytes < est.load_bytes < 40 * GiB  # loading the whole 4-bit model is the tighter moment
     table = est.table(40)
@@ -204,13 +205,13 @@ def test_70b_on_four_40gb_gpus_is_planned_under_fsdp():
     for text in ("FSDP over 4 processes", "828,375,040", f"{n}/80 blocks checkpointed", "1/4 shard",
                  "while loading, before sharding", "=> fits a 40 GiB GPU"):
         assert text in table
-    ddp = estimate_memory(LLAMA3_70B, seq_len=8192, world_size=4, checkpoint_layers=-1)
+    ddp = estimate_memory(LLAMA3_70B_CONFIG, seq_len=8192, world_size=4, checkpoint_layers=-1)
     assert not ddp.fits(40 * GiB) and "DOES NOT FIT" in ddp.table(40)
 
 
 def test_fsdp_divides_what_it_shards_and_nothing_else():
     def rows(world, parallelism="fsdp"):
-        est = estimate_memory(LLAMA3_70B, world_size=world, parallelism=parallelism, checkpoint_layers=-1)
+        est = estimate_memory(LLAMA3_70B_CONFIG, world_size=world, parallelism=parallelism, checkpoint_layers=-1)
         return {name.strip(): b for name, b, _, _ in est.rows}, est
 
     one, _ = rows(1, "ddp")
@@ -222,7 +223,7 @@ def test_fsdp_divides_what_it_shards_and_nothing_else():
     assert "DDP gradient buckets" not in four
     eight = rows(8)[1]
     assert eight.total_bytes < est4.total_bytes < rows(2)[1].total_bytes
-    assert estimate_memory(LLAMA3_70B, checkpoint_layers=-1).load_bytes == 0  # DDP: no separate load moment
+    assert estimate_memory(LLAMA3_70B_CONFIG, checkpoint_layers=-1).load_bytes == 0  # DDP: no separate load moment
 
 
 # ----------------------------------------------------------------------------------------------- 2 ranks (slow)

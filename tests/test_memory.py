@@ -1,10 +1,14 @@
-"""qlora/memory.py: the peak-memory estimator (CPU only; numbers checked against the device in bench/RESULTS.md)."""
+"""qlora/memory.py, the peak-memory estimator, and qlora/plan.py, the settings finetune.py derives from it (CPU only;
+numbers checked against the device in bench/RESULTS.md)."""
 from __future__ import annotations
 
 import pytest
 
-from qlora.memory import GiB, LLAMA3_8B, choose_checkpoint_layers, estimate_memory, resolve_speed_settings
-from qlora.tiny_model import LLAMA3_8B_CONFIG
+from qlora.config import TrainConfig
+from qlora.errors import UserError
+from qlora.llama3 import LLAMA3_8B_CONFIG
+from qlora.memory import GiB, choose_checkpoint_layers, estimate_memory
+from qlora.plan import check_fits, fit_advice, plan_memory
 
 
 def test_trainable_parameters_llama3_8b_r64():
@@ -40,104 +44,90 @@ def test_memory_grows_with_tokens_and_kept_blocks():
 
 
 def test_paged_optimizer_state_outside_allocator():
-    paged = estimate_memory(LLAMA3_8B, optimizer="paged_adamw_8bit")
-    plain = estimate_memory(LLAMA3_8B, optimizer="adamw_torch")
+    paged = estimate_memory(LLAMA3_8B_CONFIG, optimizer="paged_adamw_8bit")
+    plain = estimate_memory(LLAMA3_8B_CONFIG, optimizer="adamw_torch")
     assert paged.peak_reserved_bytes < plain.peak_reserved_bytes
     assert plain.peak_reserved_bytes - paged.peak_reserved_bytes == pytest.approx(167_772_160 * 8, rel=1e-6)
 
 
 def test_choose_checkpoint_layers_spends_the_budget():
-    n8k = choose_checkpoint_layers(LLAMA3_8B, 36 * GiB, seq_len=8192)
-    n16k = choose_checkpoint_layers(LLAMA3_8B, 36 * GiB, seq_len=16384)
+    n8k = choose_checkpoint_layers(LLAMA3_8B_CONFIG, 36 * GiB, seq_len=8192)
+    n16k = choose_checkpoint_layers(LLAMA3_8B_CONFIG, 36 * GiB, seq_len=16384)
     assert n8k is not None and n16k is not None and n16k > n8k
-    assert estimate_memory(LLAMA3_8B, seq_len=16384, checkpoint_layers=n16k).total_bytes <= 36 * GiB
-    assert estimate_memory(LLAMA3_8B, seq_len=16384, checkpoint_layers=n16k - 1).total_bytes > 36 * GiB
-    assert choose_checkpoint_layers(LLAMA3_8B, 8 * GiB, seq_len=8192) is None  # nothing fits 8 GiB
+    assert estimate_memory(LLAMA3_8B_CONFIG, seq_len=16384, checkpoint_layers=n16k).total_bytes <= 36 * GiB
+    assert estimate_memory(LLAMA3_8B_CONFIG, seq_len=16384, checkpoint_layers=n16k - 1).total_bytes > 36 * GiB
+    assert choose_checkpoint_layers(LLAMA3_8B_CONFIG, 8 * GiB, seq_len=8192) is None  # nothing fits 8 GiB
 
 
 def test_fits_and_table_verdict():
-    est = estimate_memory(LLAMA3_8B, seq_len=32768, checkpoint_layers=0)
+    est = estimate_memory(LLAMA3_8B_CONFIG, seq_len=32768, checkpoint_layers=0)
     assert not est.fits(40 * GiB) and "DOES NOT FIT" in est.table(40)
-    small = estimate_memory(LLAMA3_8B, seq_len=4096, checkpoint_layers=-1)
+    small = estimate_memory(LLAMA3_8B_CONFIG, seq_len=4096, checkpoint_layers=-1)
     assert small.fits(40 * GiB) and "=> fits" in small.table(40)
 
 
-def test_resolve_speed_settings_reads_train_config():
-    from qlora.config import TrainConfig
-
-    st = resolve_speed_settings(TrainConfig(), model_config=None, max_len=8192, world_size=1)
-    summary, table = st["estimate"].summary(st["gpu_gib"]), st["estimate"].table(st["gpu_gib"])
-    assert "GiB" in summary and "167,772,160" in table
-
-
-def _cfg(**kw):
-    from qlora.config import TrainConfig
-
-    return TrainConfig(**kw)
+def test_plan_reads_the_train_config():
+    """The plan's estimate follows TrainConfig's LoRA and batch fields (a different rank or micro-batch must show)."""
+    default = plan_memory(TrainConfig(), model_config=None, max_len=8192, device_type="cuda", gpu_total_bytes=80 * GiB)
+    assert default.estimate.trainable_params == 167_772_160 and "167,772,160" in default.estimate.table(default.gpu_gib)
+    assert default.gpu_gib == 80.0
+    assert f"= {default.estimate.total_bytes / GiB:.1f} GiB" in default.estimate.summary(default.gpu_gib)
+    r32 = plan_memory(TrainConfig(lora_r=32, lora_target_modules=["q_proj", "v_proj"], micro_batch_size=2),
+                      model_config=None, max_len=8192, device_type="cuda", gpu_total_bytes=80 * GiB)
+    assert r32.estimate.trainable_params == 32 * 32 * (2 * 4096 + 4096 + 1024)
+    assert r32.estimate.settings["micro_batch_size"] == 2 and r32.estimate.settings["lora_targets"] == ["q_proj", "v_proj"]
 
 
-def test_resolve_speed_settings_on_cpu_and_gpu():
-    from qlora.memory import resolve_speed_settings
-
-    cpu = resolve_speed_settings(_cfg(), model_config=None, max_len=8192, device_type="cpu")
-    assert cpu["kernels"] == "none" and cpu["checkpoint_layers"] == -1
-    gpu40 = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
-    assert gpu40["checkpoint_layers"] == 0 and gpu40["estimate"].fits(40 * GiB)
-    long = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=16384, device_type="cuda")
-    assert 0 < long["checkpoint_layers"] < 32
-    low = resolve_speed_settings(_cfg(low_memory=True), model_config=None, max_len=8192, device_type="cuda",
-                                 gpu_total_bytes=80 * GiB)
-    assert low["checkpoint_layers"] == -1 and low["estimate"].peak_reserved_bytes < 12 * GiB
-    assert resolve_speed_settings(_cfg(checkpoint_layers="5"), model_config=None, max_len=8192,
-                                  device_type="cuda")["checkpoint_layers"] == 5
-    off = resolve_speed_settings(_cfg(gradient_checkpointing=False), model_config=None, max_len=8192,
-                                 device_type="cuda")
-    assert off["checkpoint_layers"] == 0
+def test_plan_on_cpu_and_gpu():
+    cpu = plan_memory(TrainConfig(), model_config=None, max_len=8192, device_type="cpu")
+    assert cpu.kernels == "none" and cpu.checkpoint_layers == -1
+    gpu40 = plan_memory(TrainConfig(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
+    assert gpu40.checkpoint_layers == 0 and gpu40.estimate.fits(40 * GiB)
+    long = plan_memory(TrainConfig(gpu_memory_gib=40.0), model_config=None, max_len=16384, device_type="cuda")
+    assert 0 < long.checkpoint_layers < 32
+    low = plan_memory(TrainConfig(low_memory=True), model_config=None, max_len=8192, device_type="cuda",
+                      gpu_total_bytes=80 * GiB)
+    assert low.checkpoint_layers == -1 and low.estimate.peak_reserved_bytes < 12 * GiB
+    assert plan_memory(TrainConfig(checkpoint_layers="5"), model_config=None, max_len=8192,
+                       device_type="cuda").checkpoint_layers == 5
+    off = plan_memory(TrainConfig(gradient_checkpointing=False), model_config=None, max_len=8192, device_type="cuda")
+    assert off.checkpoint_layers == 0
 
 
 def test_bad_speed_settings_are_one_line_errors():
-    from qlora.errors import UserError
-    from qlora.memory import resolve_speed_settings
-
     with pytest.raises(UserError, match="--kernels liger"):
-        resolve_speed_settings(_cfg(kernels="liger"), model_config=None, max_len=8192, device_type="cpu")
+        plan_memory(TrainConfig(kernels="liger"), model_config=None, max_len=8192, device_type="cpu")
     with pytest.raises(UserError, match="--low-memory"):
-        resolve_speed_settings(_cfg(low_memory=True, gradient_checkpointing=False), model_config=None,
-                               max_len=8192, device_type="cuda")
+        plan_memory(TrainConfig(low_memory=True, gradient_checkpointing=False), model_config=None, max_len=8192,
+                    device_type="cuda")
 
 
 def test_check_fits_refuses_naming_the_knobs():
-    from qlora.errors import UserError
-    from qlora.memory import check_fits, resolve_speed_settings
-
-    st = resolve_speed_settings(_cfg(micro_batch_size=4, checkpoint_layers="0", gpu_memory_gib=40.0),
-                                model_config=None, max_len=8192, device_type="cuda")
+    plan = plan_memory(TrainConfig(micro_batch_size=4, checkpoint_layers="0", gpu_memory_gib=40.0),
+                       model_config=None, max_len=8192, device_type="cuda")
     with pytest.raises(UserError) as e:
-        check_fits(st)
+        check_fits(plan)
     msg = str(e.value)
     assert "\n" not in msg and "does not fit the 40 GiB GPU" in msg
     for knob in ("--micro-batch-size", "--checkpoint-layers all", "--low-memory", "--max-len"):
         assert knob in msg
-    check_fits(resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192,
-                                      device_type="cuda"))  # the default fits
+    check_fits(plan_memory(TrainConfig(gpu_memory_gib=40.0), model_config=None, max_len=8192,
+                           device_type="cuda"))  # the default fits
 
 
 def test_fit_advice_is_check_fits_message_without_raising():
-    from qlora.errors import UserError
-    from qlora.memory import check_fits, fit_advice, resolve_speed_settings
-
-    fits = resolve_speed_settings(_cfg(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
+    fits = plan_memory(TrainConfig(gpu_memory_gib=40.0), model_config=None, max_len=8192, device_type="cuda")
     assert fit_advice(fits) is None and fit_advice(fits, table_shown=True) is None
-    st = resolve_speed_settings(_cfg(gpu_memory_gib=8.0), model_config=None, max_len=8192, device_type="cuda")
+    plan = plan_memory(TrainConfig(gpu_memory_gib=8.0), model_config=None, max_len=8192, device_type="cuda")
     with pytest.raises(UserError) as e:
-        check_fits(st)
-    assert fit_advice(st) == str(e.value) and "--estimate-memory ... shows the table" in str(e.value)
+        check_fits(plan)
+    assert fit_advice(plan) == str(e.value) and "--estimate-memory ... shows the table" in str(e.value)
     # under --estimate-memory the table is already on the screen: the same advice, without pointing at it
-    assert fit_advice(st, table_shown=True) == str(e.value).replace(
+    assert fit_advice(plan, table_shown=True) == str(e.value).replace(
         "; python finetune.py --estimate-memory ... shows the table", "")
 
 
 def test_ddp_adds_gradient_buckets():
-    one = estimate_memory(LLAMA3_8B, world_size=1)
-    two = estimate_memory(LLAMA3_8B, world_size=2)
+    one = estimate_memory(LLAMA3_8B_CONFIG, world_size=1)
+    two = estimate_memory(LLAMA3_8B_CONFIG, world_size=2)
     assert two.peak_reserved_bytes - one.peak_reserved_bytes == 167_772_160 * 4

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from qlora.data import packed_position_ids
 from qlora.errors import UserError
-from qlora.llama3 import BOS_ID, END_OF_TEXT_ID, PAD_ID
-from qlora.loss import IGNORE_INDEX, linear_cross_entropy_sum, shift_labels
-from qlora.model import (LORA_TARGET_MODULES, apply_lora, check_lora_placement, count_parameters, cpu_has_native_bf16,
-                         forward_loss, load_base_model, resolve_compute_dtype, validate_model_dir)
+from qlora.llama3 import BOS_ID, END_OF_TEXT_ID, IGNORE_INDEX, LORA_TARGETS, PAD_ID
+from qlora.loss import linear_cross_entropy_sum, shift_labels
+from qlora.model import (apply_lora, check_lora_placement, count_parameters, cpu_has_native_bf16, forward_loss,
+                         load_base_model, resolve_compute_dtype, validate_model_dir)
 from shard_fixtures import pack_row, random_doc
 
 
@@ -47,7 +47,7 @@ def test_base_is_nf4_double_quant_and_lora_on_every_target_of_every_block(lora_m
     assert len(base.model.layers) == n_layers
     expected_trainable = 0
     for block in base.model.layers:
-        for name in LORA_TARGET_MODULES:
+        for name in LORA_TARGETS:
             parent = block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
             module = getattr(parent, name)
             assert isinstance(module.base_layer, bnb.nn.Linear4bit), name
@@ -59,7 +59,7 @@ def test_base_is_nf4_double_quant_and_lora_on_every_target_of_every_block(lora_m
             expected_trainable += 8 * (module.in_features + module.out_features)
     trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert len(trainable) == 2 * n_layers * len(LORA_TARGET_MODULES)
+    assert len(trainable) == 2 * n_layers * len(LORA_TARGETS)
     assert count_parameters(lora_model)[0] == expected_trainable
     # the frozen base is in the one compute dtype, fp32 on the CPU (on the GPU: bf16, test_compute_dtype_reaches...)
     frozen_float = {p.dtype for p in lora_model.parameters() if not p.requires_grad and p.is_floating_point()}

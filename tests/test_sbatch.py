@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qlora.llama3 import format_plain
+from run_metrics import train_losses
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "finetune.sbatch"
@@ -113,15 +114,6 @@ def wait_done(jobid: int, workdir: Path, timeout: float = 240) -> dict:
         return info if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE") else None
     return wait_for("the job to end", done, timeout, jobid, workdir)
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def final_val_loss(run_dir: Path) -> float:

@@ -3,7 +3,7 @@
 (The Triton pieces, Liger kernels and the fused SwiGLU+down, are GPU-only: tests/test_gpu.py.) Tolerance: both paths
 run the LoRA matmuls in bf16 (peft under forward_loss's autocast, ours explicitly) but add in a different order, so
 losses agree to ~1e-5 relative (measured 1.3e-5); we allow 1e-4 and a gradient cosine similarity of 0.999 (measured
-0.99984; a LoRA scale off by 2x gives 4e-4 and 0.67).
+0.99984). The control, the LoRA scale doubled, must fail both (measured 2.6e-4 and 0.26).
 """
 from __future__ import annotations
 
@@ -51,9 +51,19 @@ def test_fast_lora_matches_peft(tiny_model_dir):
     assert speed.apply_fast_lora(model) == 2 * 7  # every 4-bit LoRA projection of both blocks
     l_fast, g_fast = _loss_grads(model)
     assert l_fast == pytest.approx(l_ref, rel=1e-4)
-    cos = min(float(torch.nn.functional.cosine_similarity(g_ref[k].flatten(), g_fast[k].flatten(), dim=0))
-              for k in g_ref)
-    assert cos >= 0.999
+    assert _min_cosine(g_ref, g_fast) >= 0.999
+    # control: the same forward with the LoRA scale doubled must fail both tolerances
+    for m in model.modules():
+        if hasattr(m, "_peft_forward"):
+            m.scaling = {k: 2 * v for k, v in m.scaling.items()}
+    l_bad, g_bad = _loss_grads(model)
+    print(f"fast vs peft: loss rel {abs(l_fast - l_ref) / l_ref:.1e}, gradient cosine {_min_cosine(g_ref, g_fast):.5f}; "
+          f"scale x2: {abs(l_bad - l_ref) / l_ref:.1e}, {_min_cosine(g_ref, g_bad):.5f}")
+    assert l_bad != pytest.approx(l_ref, rel=1e-4) and _min_cosine(g_ref, g_bad) < 0.999
+
+
+def _min_cosine(a: dict, b: dict) -> float:
+    return min(float(torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), dim=0)) for k in a)
 
 
 def test_fast_lora_keeps_peft_path_with_dropout(tiny_model_dir):

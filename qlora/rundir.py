@@ -1,0 +1,129 @@
+"""The run directory of finetune.py (contract 4): every name in it, and the files training keeps up to date.
+
+    RUN/config.json                    settings, resolved recipe, versions, data metadata (written once per start)
+    RUN/status.json                    state (running, stopped, finished, failed), step, loss; rewritten atomically
+    RUN/metrics.jsonl                  one JSON record per logged step and per validation
+    RUN/tensorboard/                   the same scalars for TensorBoard
+    RUN/stop_requested                 touch it to stop at the next step boundary (with a checkpoint)
+    RUN/checkpoints/step-NNNNNNN/      adapter/ + optimizer, scheduler, RNG, data position (qlora/checkpoint.py);
+                                       trainer_state.json is written last, so a directory that has it is complete
+    RUN/adapter/                       the final LoRA adapter (PEFT format) and the tokenizer
+
+finetune.py and qlora/checkpoint.py write these; predict.py reads them (--adapter RUN or a checkpoint, and
+config.json for the training format). Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from .atomic import atomic_file, write_json_atomic
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+STOP_FILE = "stop_requested"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"                    # RUN/adapter and RUN/checkpoints/step-NNNNNNN/adapter
+TRAINER_STATE_FILE = "trainer_state.json"  # a checkpoint's last file
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary dirs of an interrupted save start with '.' and are skipped)."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def run_dir_of_adapter(adapter: Path) -> Path | None:
+    """The run directory an adapter belongs to: 1 level up from RUN/adapter, 3 from a checkpoint's adapter."""
+    return next((d for d in (adapter.parent, adapter.parent.parent, adapter.parent.parent.parent)
+                 if (d / CONFIG_FILE).is_file() and (d / STATUS_FILE).is_file()), None)
+
+
+class RunDir:
+    """RUN/'s paths, and the status and metrics files training updates. Writes nothing unless `enabled` (rank 0)."""
+
+    def __init__(self, path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.config_path = self.path / CONFIG_FILE
+        self.status_path = self.path / STATUS_FILE
+        self.metrics_path = self.path / METRICS_FILE
+        self.tensorboard_path = self.path / TENSORBOARD_DIR
+        self.stop_path = self.path / STOP_FILE
+        self.adapter_path = self.path / ADAPTER_DIR
+        self.status: dict = {}
+
+    def set_status(self, **fields) -> None:
+        self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if self.enabled:
+            write_json_atomic(self.status_path, self.status)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop metric lines past the checkpoint: those steps are trained again."""
+        if not (self.enabled and self.metrics_path.exists()):
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+        with atomic_file(self.metrics_path) as f:
+            f.write("".join(line + "\n" for line in keep))
+
+    def log_metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def library_versions() -> dict:
+    """Versions of what shapes a run's numbers, for config.json."""
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pyarrow"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def git_commit() -> str | None:
+    """This checkout's commit ("-dirty" with uncommitted changes to tracked files), for config.json."""
+    here = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (sha + ("-dirty" if dirty else "")) if sha else None

@@ -1,0 +1,53 @@
+"""Building blocks of finetune.py's training loop: the optimizer, the LR schedule, batches on the device, and the
+validation loss over all ranks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+from .data import PackedShards, eval_micro_batches
+from .distributed import Dist
+from .model import forward_loss
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    """--optimizer over the LoRA weights: bitsandbytes' 8-bit/paged AdamW (the recipe), or torch's AdamW."""
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, **kw)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
+    return cls(params, **kw)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """LR multiplier of optimizer step `step`: linear warm-up to 1, then cosine down to min_ratio at `total`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch of numpy arrays (qlora.data) as tensors on `device`."""
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(peft_model, val: PackedShards, cfg: TrainConfig, dist: Dist) -> tuple[float, int]:
+    """(mean loss per label token, label tokens) over the validation rows, split across ranks and summed."""
+    peft_model.eval()
+    loss_sum, n_tokens = 0.0, 0.0
+    with torch.no_grad():
+        for batch in eval_micro_batches(val, cfg.micro_batch_size, dist.rank, dist.world, cfg.eval_max_rows):
+            loss, n = forward_loss(peft_model, to_device(batch, dist.device), loss_chunk_size=cfg.loss_chunk_size)
+            loss_sum += float(loss)
+            n_tokens += float(n)
+    peft_model.train()
+    loss_sum, n_tokens = dist.all_reduce_sum([loss_sum, n_tokens])
+    return (loss_sum / n_tokens if n_tokens else float("nan")), int(n_tokens)
