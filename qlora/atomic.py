@@ -1,7 +1,8 @@
 """Outputs written whole or not at all, and never at the cost of the user's files.
 
   * check_output_dir: whether a stage may replace (or own) an output directory: not one that holds or lies inside
-    an input, not one some other program wrote, not one that cannot be created. Every stage calls it first.
+    an input, not one some other program wrote, not one that cannot be created. Every stage calls it first;
+    check_output_file is the same for an output file.
   * atomic_dir / atomic_file / write_json_atomic: write into a hidden temporary sibling and rename it into place
     on success; on an error or an interruption the temporary is removed.
   * output_errors: a full disk or a read-only file system while writing becomes one line naming the output.
@@ -146,9 +147,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_json_atomic(path: str | os.PathLike, obj, *, allow_nan: bool = True) -> None:
+    """allow_nan=False: a NaN or infinity raises ValueError instead of writing JSON that strict readers refuse."""
     with atomic_file(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
+        json.dump(obj, f, indent=2, sort_keys=False, allow_nan=allow_nan)
         f.write("\n")
 
 
@@ -181,8 +183,8 @@ def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.Path
         would delete the output).
     stage: the command's name, for the message ("data_processing").
     marker: what marks an earlier output of this command: {key: value} pairs of which at least one must be in
-        the JSON object of path/marker_file. Default {"stage": stage}. A directory that is not empty and not
-        marked is refused: it holds something else of the user's.
+        the JSON object of path/marker_file (a tuple value: any of its values). Default {"stage": stage}. A
+        directory that is not empty and not marked is refused: it holds something else of the user's.
     flag: the option that named `path`, for the message.
 
     Also refused: a path that is a file, lies under a file, cannot be created (no write permission, read-only
@@ -207,13 +209,7 @@ def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.Path
         raise UserError(f"{flag} {path}: holds the working directory, which replacing the output would delete; "
                         f"choose another output directory")
     if not os.path.lexists(out):
-        parent = Path(os.path.abspath(out)).parent
-        while not os.path.lexists(parent):
-            parent = parent.parent
-        if not parent.is_dir():
-            raise UserError(f"{flag} {path}: cannot be created, {parent} is a file")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {path}: cannot be created, {parent} is not writable")
+        _check_creatable(out, flag)
         return
     if not out.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a directory")
@@ -229,10 +225,44 @@ def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.Path
         recorded = json.loads((out / marker_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         recorded = None
-    if not isinstance(recorded, dict) or not any(recorded.get(k) == v for k, v in marker.items()):
+    if not isinstance(recorded, dict) or not any(recorded.get(k) in (v if isinstance(v, tuple) else (v,))
+                                                 for k, v in marker.items()):
         mark = json.dumps(dict([next(iter(marker.items()))]), ensure_ascii=False)[1:-1]
         raise UserError(f"{flag} {path}: exists and is not a {stage} output (its {marker_file} does not say {mark}); "
                         f"refusing to replace it, choose a new or empty directory")
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    parent = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot be created, {parent} is not writable")
+
+
+def check_output_file(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | Iterable | None], *,
+                      flag: str) -> None:
+    """Raise a one-line UserError unless a command may write the file `path` (atomic_file replaces it whole).
+
+    inputs: as check_output_dir's. Refused: an input itself, a file inside an input directory (a model's
+    config.json is one `--output` away from being replaced), a directory, and a path that cannot be created.
+    """
+    out = Path(path)
+    for in_flag, values in inputs.items():
+        for p in _paths(values):
+            for o in _spellings(out):
+                for i in _spellings(p):
+                    if o == i:
+                        raise UserError(f"{flag} {path}: is the input {in_flag} {p}, which writing the output would "
+                                        f"replace; choose another file")
+                    if i in o.parents and i.is_dir():
+                        raise UserError(f"{flag} {path}: lies inside the input {in_flag} {p}; write outputs outside "
+                                        f"every input directory")
+    if out.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    _check_creatable(out, flag)  # atomic_file writes a temporary next to it: its directory must be writable
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,11 @@ class TrainConfig:
 # Settings a checkpoint must share with the run that resumes it. The optimizer is among them because its saved
 # state only loads into the same optimizer class (an 8-bit state into AdamW, or back, fails deep inside the load).
 FINGERPRINT_KEYS = ("quantize", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "optimizer")
+# Settings a resumed run may change and that apply from the resumed step (training.apply_settings; the schedule's
+# length and warm-up are recorded resolved, as max_steps and warmup_steps); each checkpoint records them, and a
+# resume lists those that changed. The rest outside the fingerprint shape speed, memory or bookkeeping, except the
+# seed (it fixes the data order a checkpoint's position is in; checkpoint.check_seed).
+RESUMABLE_KEYS = ("lr", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm")
 # Not part of a training run's record (config.json): they only shape the --estimate-memory plan.
 ESTIMATE_ONLY_KEYS = ("seq_len", "nproc")
 
@@ -274,6 +280,12 @@ def validate(cfg: TrainConfig) -> None:
     twice = sorted({m for m in cfg.lora_target_modules if cfg.lora_target_modules.count(m) > 1})
     if twice:
         raise UserError(f"--lora-target-modules {','.join(cfg.lora_target_modules)}: {', '.join(twice)} named twice")
+    # float("inf") and float("nan") pass as flags and YAML values (.inf, .nan); an infinite --epochs or --lr would
+    # fail deep inside training, and a NaN passes no range check below only by accident
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
     checks = [("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1"),
               ("epochs", cfg.epochs is None or cfg.epochs > 0, "> 0"),
               ("micro_batch_size", cfg.micro_batch_size >= 1, ">= 1"),
@@ -282,14 +294,19 @@ def validate(cfg: TrainConfig) -> None:
               ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
               ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
               ("warmup_steps", cfg.warmup_steps is None or cfg.warmup_steps >= 0, ">= 0"),
+              ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("adam_beta1", 0 <= cfg.adam_beta1 < 1, "in [0, 1)"),
+              ("adam_beta2", 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
               ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0"),
               ("lora_r", cfg.lora_r >= 1, ">= 1"),
+              ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
               ("lora_dropout", 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
               ("lora_target_modules", len(cfg.lora_target_modules) > 0, "non-empty"),
               ("loss_chunk_size", cfg.loss_chunk_size >= 1, ">= 1"),
               ("save_every", cfg.save_every >= 1, ">= 1"),
               ("keep_checkpoints", cfg.keep_checkpoints >= 1, ">= 1"),
               ("eval_every", cfg.eval_every >= 0, ">= 0"),
+              ("eval_max_rows", cfg.eval_max_rows is None or cfg.eval_max_rows >= 1, ">= 1"),
               ("log_every", cfg.log_every >= 1, ">= 1"),
               ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
               ("checkpoint_layers", str(cfg.checkpoint_layers) in ("auto", "all") or str(cfg.checkpoint_layers).isdigit(),

@@ -86,6 +86,15 @@ def validate_model_dir(model_dir: str | os.PathLike) -> dict:
         raise UserError(f"--model {d}: config.json is not valid JSON ({e})") from e
 
 
+def check_vocab_size(model_dir: str | os.PathLike, model_config: dict, tokenizer) -> None:
+    """The embedding needs a row for every id the tokenizer gives: with a smaller vocab_size the first high id would
+    fail deep inside the forward (an index error, or a CUDA device-side assert)."""
+    vocab_size, ids = model_config.get("vocab_size"), len(tokenizer)
+    if not isinstance(vocab_size, int) or vocab_size < ids:
+        raise UserError(f"--model {model_dir}: config.json has vocab_size {vocab_size}, but its tokenizer.json has "
+                        f"{ids} ids: the weights are not of this tokenizer's model")
+
+
 def resolve_attn_implementation(attn_implementation: str, device) -> str:
     """auto: sdpa on CPU; flex_attention on CUDA (keeps packed documents apart without materialising a mask)."""
     if attn_implementation not in ATTN_IMPLEMENTATIONS:

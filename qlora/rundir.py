@@ -5,12 +5,14 @@
     RUN/metrics.jsonl                  one JSON record per logged step and per validation
     RUN/tensorboard/                   the same scalars for TensorBoard
     RUN/stop_requested                 touch it to stop at the next step boundary (with a checkpoint)
-    RUN/checkpoints/step-NNNNNNN/      adapter/ + optimizer, scheduler, RNG, data position (qlora/checkpoint.py);
-                                       trainer_state.json is written last, so a directory that has it is complete
+    RUN/checkpoints/step-NNNNNNN/      adapter/ + optimizer, scheduler, RNG, data position (qlora/checkpoint.py),
+                                       trainer_state.json, and manifest.json (every file's size and sha256, and
+                                       the write order), written last; renamed into place when complete
     RUN/adapter/                       the final LoRA adapter (PEFT format) and the tokenizer
 
 finetune.py and qlora/checkpoint.py write these; predict.py reads them (--adapter RUN or a checkpoint, and
-config.json for the training format). Only rank 0 writes.
+config.json for the training format). Only rank 0 writes. status.json's "stage": "finetune" marks a directory as
+a run directory (qlora.atomic.check_output_dir); runs from before that key are known by their "state".
 """
 from __future__ import annotations
 
@@ -30,8 +32,13 @@ TENSORBOARD_DIR = "tensorboard"
 STOP_FILE = "stop_requested"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"                    # RUN/adapter and RUN/checkpoints/step-NNNNNNN/adapter
-TRAINER_STATE_FILE = "trainer_state.json"  # a checkpoint's last file
+TRAINER_STATE_FILE = "trainer_state.json"  # a checkpoint's step, data position and fingerprint
+MANIFEST_FILE = "manifest.json"            # a checkpoint's last file: sizes and digests of all the others
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
+STAGE = "finetune"
+STATES = ("running", "stopped", "finished", "failed")
+# check_output_dir's marker of a run directory: status.json says so, or (runs before the key) has a state
+RUN_MARKER = {"stage": STAGE, "state": STATES}
 
 
 def step_dir_name(step: int) -> str:
@@ -42,17 +49,17 @@ def checkpoints_dir(run_dir) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
-def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary dirs of an interrupted save start with '.' and are skipped)."""
+def step_dirs(run_dir) -> list[tuple[int, Path]]:
+    """Every step-NNNNNNN directory, complete or not, by step (temporaries of a save start with '.': not listed)."""
     d = checkpoints_dir(run_dir)
     if not d.is_dir():
         return []
-    found = []
-    for p in d.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / TRAINER_STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in d.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with their state file), by step."""
+    return [(s, p) for s, p in step_dirs(run_dir) if (p / TRAINER_STATE_FILE).is_file()]
 
 
 def run_dir_of_adapter(adapter: Path) -> Path | None:
@@ -73,12 +80,12 @@ class RunDir:
         self.tensorboard_path = self.path / TENSORBOARD_DIR
         self.stop_path = self.path / STOP_FILE
         self.adapter_path = self.path / ADAPTER_DIR
-        self.status: dict = {}
+        self.status: dict = {"stage": STAGE}
 
     def set_status(self, **fields) -> None:
         self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if self.enabled:
-            write_json_atomic(self.status_path, self.status)
+            write_json_atomic(self.status_path, self.status, allow_nan=False)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop metric lines past the checkpoint: those steps are trained again."""
@@ -97,7 +104,7 @@ class RunDir:
     def log_metrics(self, record: dict) -> None:
         if self.enabled:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def library_versions() -> dict:

@@ -24,6 +24,19 @@ def make_optimizer(params, cfg: TrainConfig):
     return cls(params, **kw)
 
 
+def apply_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """This run's --lr, --weight-decay and --adam-beta1/2 on a restored optimizer and scheduler, from the resumed
+    step on. A checkpoint's optimizer state carries the values it was saved with and its scheduler state the old
+    --lr (base_lrs): loaded as they are, they would win over the command line. The schedule's shape (warm-up, cosine
+    length, floor) is this run's already, `scheduler` having been built from its settings (LambdaLR saves no
+    function); stepping it back and forth recomputes the resumed step's LR from the new base LR."""
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """LR multiplier of optimizer step `step`: linear warm-up to 1, then cosine down to min_ratio at `total`."""
     def f(step: int) -> float:

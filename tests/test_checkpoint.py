@@ -184,3 +184,128 @@ def test_shards_are_read_by_row_group_not_whole(rows_dir, monkeypatch):
     assert batch["input_ids"].shape == (2, 32)
     doc_lens_row = shards._read_group(2)["doc_lens"][0]
     assert batch["position_ids"][0].tolist()[: doc_lens_row[0]] == list(range(doc_lens_row[0]))
+
+
+# ----------------------------------------------------------------------------------------------- trust and order
+def _save(run_dir, step, model, optimizer, scheduler, keep=5, protect=None):
+    return save_checkpoint(run_dir, step, peft_model=model, optimizer=optimizer, scheduler=scheduler,
+                           trainer_state={"rows_consumed": step, "seed": 0}, rng_states=[capture_rng()], keep=keep,
+                           protect=protect)
+
+
+def _steps(run_dir):
+    return [s for s, _ in list_checkpoints(run_dir)]
+
+
+def test_rotation_and_resume_auto_follow_write_order_after_a_rewind(tiny_model_dir, tmp_path):
+    """A run with step-4 and step-6 rewound to step-4: resuming moves step-4 to the front of the write order, the
+    rewound run's step-5 comes after it, and rotation removes the abandoned step-6 first, never step-4 (by step
+    number, the old rotation kept step-6 and deleted step-4 and step-5)."""
+    from qlora.checkpoint import checkpoints_by_write_order, mark_resumed, newest_intact_checkpoint
+
+    model, _, optimizer, scheduler = lora_setup(tiny_model_dir)
+    step4 = _save(tmp_path, 4, model, optimizer, scheduler)
+    _save(tmp_path, 6, model, optimizer, scheduler)
+    assert newest_intact_checkpoint(tmp_path, warn=pytest.fail).name == "step-0000006"  # control: before the rewind
+    mark_resumed(step4, tmp_path)
+    assert newest_intact_checkpoint(tmp_path, warn=pytest.fail) == step4  # a crash now resumes the rewound run
+    _save(tmp_path, 5, model, optimizer, scheduler, keep=1, protect=step4)
+    assert _steps(tmp_path) == [4, 5]  # keep 1: step-5, written last; step-4 spared as the resume point
+    assert [p.name for p in checkpoints_by_write_order(tmp_path)] == ["step-0000004", "step-0000005"]
+    assert newest_intact_checkpoint(tmp_path, warn=pytest.fail).name == "step-0000005"
+    _save(tmp_path, 6, model, optimizer, scheduler, keep=1)  # a later run (nothing to protect): plain last-K
+    assert _steps(tmp_path) == [6]
+
+
+def test_damaged_checkpoints_are_found_and_passed_over(tiny_model_dir, tmp_path):
+    from qlora.checkpoint import checkpoint_damage, newest_intact_checkpoint
+
+    model, _, optimizer, scheduler = lora_setup(tiny_model_dir)
+    step2 = _save(tmp_path, 2, model, optimizer, scheduler)
+    step4 = _save(tmp_path, 4, model, optimizer, scheduler)
+    assert checkpoint_damage(step2) is None and checkpoint_damage(step4) is None
+    size = (step4 / "optimizer.pt").stat().st_size
+    with open(step4 / "optimizer.pt", "r+b") as f:  # a copy or a disk cut short
+        f.truncate(size // 2)
+    assert checkpoint_damage(step4) == f"optimizer.pt has {size // 2} bytes, {size} when saved"
+    warnings = []
+    assert newest_intact_checkpoint(tmp_path, warn=warnings.append) == step2
+    assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint {step4} is damaged (optimizer.pt has ")
+    # the same size but other bytes: the digest finds it
+    weights = step2 / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert checkpoint_damage(step2) == "adapter/adapter_model.safetensors differs from what was saved (sha256)"
+    with pytest.raises(UserError, match=r"^--resume auto: every checkpoint in \S+ is damaged \(step-0000004: "
+                                        r"optimizer.pt has .*; step-0000002: adapter/adapter_model.safetensors "
+                                        r"differs .*; move them away to start afresh"):
+        newest_intact_checkpoint(tmp_path, warn=warnings.append)
+    # a step directory without its state file is reported, not skipped in silence
+    (tmp_path / "checkpoints" / "step-0000009").mkdir()
+    warnings.clear()
+    with pytest.raises(UserError):
+        newest_intact_checkpoint(tmp_path, warn=warnings.append)
+    assert warnings[0] == (f"{tmp_path / 'checkpoints' / 'step-0000009'} has no trainer_state.json, so it is not a "
+                           f"checkpoint (copied in part?); ignored")
+    assert checkpoint_damage(tmp_path / "checkpoints" / "step-0000009") == ("no trainer_state.json: not a complete "
+                                                                           "checkpoint")
+
+
+def test_a_checkpoint_from_before_manifests_is_trusted_and_a_damaged_file_is_one_line(tiny_model_dir, tmp_path):
+    from qlora.checkpoint import checkpoint_damage
+
+    model, _, optimizer, scheduler = lora_setup(tiny_model_dir)
+    path = _save(tmp_path, 2, model, optimizer, scheduler)
+    (path / "manifest.json").unlink()
+    assert checkpoint_damage(path) is None
+    with open(path / "rng_states.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match=rf"^checkpoint {path}: cannot read rng_states.pt \(.*\); resume from an older "
+                                        r"checkpoint with --resume DIR$"):
+        load_checkpoint(path, peft_model=model, optimizer=optimizer, scheduler=scheduler, rank=0)
+
+
+def test_resumed_optimizer_and_schedule_take_this_runs_settings(tiny_model_dir, tmp_path):
+    """A checkpoint's optimizer and scheduler state carry the --lr, --weight-decay and betas it was saved with;
+    apply_settings makes this run's values (and its schedule, here a longer cosine) apply from the resumed step."""
+    from qlora.training import apply_settings
+
+    model, _, optimizer, scheduler = lora_setup(tiny_model_dir)  # lr 1e-2, warm-up 2, cosine over 10 steps
+    batch = {"input_ids": torch.tensor([[128000, 1234, 5678, 910]]), "labels": torch.tensor([[128000, 1234, 5678, 910]]),
+             "position_ids": torch.tensor([[0, 1, 2, 3]])}
+    for _ in range(3):
+        loss, n = forward_loss(model, batch)
+        (loss / n).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    path = _save(tmp_path, 3, model, optimizer, scheduler)
+
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95)
+    model2 = apply_lora(load_base_model(tiny_model_dir), r=8, alpha=16, seed=0)
+    optimizer2 = make_optimizer([p for p in model2.parameters() if p.requires_grad], cfg)
+    scheduler2 = torch.optim.lr_scheduler.LambdaLR(optimizer2, lr_lambda(2, 20, 0.1))
+    load_checkpoint(path, peft_model=model2, optimizer=optimizer2, scheduler=scheduler2, rank=0)
+    group = optimizer2.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-2 * lr_lambda(2, 10, 0.1)(3))  # control: the checkpoint's values win
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.0
+    apply_settings(optimizer2, scheduler2, cfg)
+    assert group["lr"] == pytest.approx(1e-3 * lr_lambda(2, 20, 0.1)(3)) == scheduler2.get_last_lr()[0]
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.1
+    assert scheduler2.last_epoch == 3
+    optimizer2.step()
+    scheduler2.step()
+    assert scheduler2.get_last_lr()[0] == pytest.approx(1e-3 * lr_lambda(2, 20, 0.1)(4))
+
+
+def test_another_seed_is_refused(tmp_path):
+    from qlora.checkpoint import check_seed
+
+    d = tmp_path / "step-0000001"
+    d.mkdir()
+    (d / "trainer_state.json").write_text(json.dumps({"step": 1, "seed": 0}))
+    check_seed(d, 0)
+    with pytest.raises(UserError, match=rf"^--seed 1: checkpoint {d} was trained with --seed 0, which fixes the order "
+                                        r"of the training rows .*; restore --seed 0, or use a new --output-dir$"):
+        check_seed(d, 1)
