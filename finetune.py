@@ -28,42 +28,66 @@ Recipe (defaults) and what each choice costs:
     never exist whole: Liger's fused linear-cross-entropy on the GPU fast path (-10 GiB at seq 8192), chunks of
     --loss-chunk-size tokens (qlora/loss.py) on the plain path and on CPU.
   * warm-up + cosine LR, gradient clipping, gradient accumulation; checkpoints (adapter, optimizer, scheduler,
-    RNG, data position) every --save-every steps, last --keep-checkpoints kept; --resume auto continues.
+    RNG, data position, and a manifest of their sizes and sha256) every --save-every steps.
+  * resume: --resume auto continues from the checkpoint written last (write order, not step; resuming from one
+    counts as writing it, so after a rewind with --resume RUN/checkpoints/step-N that one and those written since
+    are the newest), passing over damaged ones with a warning. The --keep-checkpoints written last are kept, and
+    always the one this run resumed from. Settings outside the fingerprint may change between runs and apply from
+    the resumed step: --lr, --weight-decay, --adam-beta1/2, --max-grad-norm and the schedule (--warmup-*,
+    --min-lr-ratio, and --max-steps/--epochs, which set the cosine's length: the LR moves to the new schedule's
+    value at that step); --seed (it fixes the data order) may not.
+  * a non-finite loss, gradient norm or validation loss stops the run before the update (status "failed"): nothing
+    non-finite is saved.
   * stop protocol: RUN/stop_requested or SIGUSR1 -> checkpoint at the next step boundary, status "stopped", exit 0.
 Outputs in --output-dir (qlora/rundir.py): config.json, metrics.jsonl, tensorboard/, checkpoints/step-NNNNNNN/,
 adapter/, status.json.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 import signal
-import sys
-import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
+
+# SIGUSR1 asks for the stop protocol. Its default action ends the process, and the imports below take seconds:
+# the handler comes first, and a request made while they run is kept for the training loop.
+_stop_signal = {"received": False}
+
+
+def _on_sigusr1(signum, frame) -> None:
+    _stop_signal["received"] = True
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGUSR1, _on_sigusr1)
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # Expandable segments: the allocator grows segments in place instead of leaving ~2-3 GiB fragmented at the peak
 # (measured, bench/RESULTS.md). Must be set before CUDA initialises; an explicit setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
-from qlora.atomic import atomic_dir, write_json_atomic
-from qlora.checkpoint import (capture_rng, check_fingerprint, is_checkpoint, load_checkpoint, read_trainer_state,
-                              run_fingerprint, save_checkpoint)
-from qlora.config import TrainConfig, as_dict, resolve_config
+from qlora.atomic import atomic_dir, check_output_dir, write_json_atomic
+from qlora.checkpoint import (capture_rng, check_fingerprint, check_seed, checkpoint_damage, load_checkpoint,
+                              mark_resumed, newest_intact_checkpoint, read_trainer_state, run_fingerprint,
+                              save_checkpoint)
+from qlora.config import RESUMABLE_KEYS, TrainConfig, as_dict, resolve_config
 from qlora.data import PackedShards, StreamOrder, check_data, read_metadata, step_micro_batches
 from qlora.distributed import Dist, lora_digest
 from qlora.errors import UserError, run_main
 from qlora.llama3 import load_tokenizer
 from qlora.loss import count_label_tokens
-from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, count_parameters, dtype_name, load_base_model,
-                         resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
+from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, check_vocab_size, count_parameters, dtype_name,
+                         load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
 from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
-from qlora.rundir import RunDir, git_commit, library_versions, list_checkpoints
-from qlora.training import evaluate, lr_lambda, make_optimizer, to_device
+from qlora.rundir import (RUN_MARKER, STAGE, STATUS_FILE, RunDir, git_commit, library_versions,
+                          list_checkpoints)
+from qlora.training import apply_settings, evaluate, lr_lambda, make_optimizer, to_device
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
@@ -73,6 +97,7 @@ def main(argv=None) -> int:
     cfg = resolve_config(argv, __doc__)
     if cfg.estimate_memory:
         return estimate_memory_only(cfg)
+    signal.signal(signal.SIGUSR1, _on_sigusr1)  # for callers that import finetune; the script has it already
     dist = Dist(cfg.device)
     try:
         return train(cfg, dist)
@@ -86,6 +111,7 @@ def main(argv=None) -> int:
             f"{cfg_max_len(cfg)}): lower --micro-batch-size, pretokenize with a smaller --max-len, keep "
             f"--gradient-checkpointing on with --checkpoint-layers all, or use --low-memory") from e
     finally:
+        _stop_signal["received"] = False  # a stop request is answered by the run it stopped
         dist.close()
 
 
@@ -115,6 +141,8 @@ class TrainingRun:
     stop_signal: dict                    # {"received": bool}, set by SIGUSR1
     fingerprint: str
     fingerprint_parts: dict
+    resume_path: Path | None             # the checkpoint this run resumed from: rotation never deletes it
+    settings: dict                       # RESUMABLE_KEYS as this run applies them, recorded in each checkpoint
     max_steps: int
     rows_per_step: int
     tokens_per_step: int
@@ -134,8 +162,13 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     """Check the inputs, plan memory, prepare RUN/ and find the resume point (all before loading the model: fast,
     one-line errors), then load model and optimizer, restore the checkpoint and record the run. None if RUN/
     already reached --max-steps."""
+    # RUN/ is written into, never replaced: check_output_dir guards the inputs (a run directory that is, holds or
+    # lies inside --model or --data would overwrite their config.json and more) and anything not a run's
+    check_output_dir(cfg.output_dir, {"--model": cfg.model, "--data": cfg.data}, stage=STAGE, marker=RUN_MARKER,
+                     marker_file=STATUS_FILE)
     model_config = validate_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
+    check_vocab_size(cfg.model, model_config, tokenizer)
     meta, train_rows, val_rows = _setup_data(cfg, model_config, tokenizer)
     max_len = int(meta["max_len"])
     rows_per_step = cfg.micro_batch_size * cfg.grad_accum * dist.world
@@ -145,13 +178,18 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, dist.device)
     attn, plan = _plan(cfg, dist, model_config, max_len)
     fp, fp_parts = run_fingerprint(cfg, model_config, meta, len(train_rows))
+    settings = {**{k: getattr(cfg, k) for k in RESUMABLE_KEYS}, "warmup_steps": warmup, "max_steps": max_steps}
 
-    run_dir, stop_signal = _open_run_dir(cfg, dist)
-    resume_path = _resume_point(cfg, run_dir)
+    run_dir = _open_run_dir(cfg, dist)
+    resume_path = _resume_point(cfg, run_dir, dist)
+    changed = {}
     if resume_path is not None:
         check_fingerprint(resume_path, fp, fp_parts)
+        check_seed(resume_path, cfg.seed)
         if _already_finished(dist, run_dir, resume_path, max_steps):
             return None
+        saved = read_trainer_state(resume_path).get("settings", {})
+        changed = {k: [saved[k], v] for k, v in settings.items() if k in saved and saved[k] != v}
 
     model = _setup_model(cfg, dist, compute_dtype, attn, plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -168,12 +206,14 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
                 "trainable_params": n_trainable, "base_params": n_base,
                 "trainable_percent": 100.0 * n_trainable / n_base}
     if dist.is_main:
-        print_recipe(cfg, resolved, plan, resume_path, start_step)
+        if resume_path is not None:
+            mark_resumed(resume_path, run_dir.path)
+        print_recipe(cfg, resolved, plan, resume_path, start_step, changed)
         write_json_atomic(run_dir.config_path, {
             "config": as_dict(cfg), "resolved": resolved, "versions": library_versions(), "git_commit": git_commit(),
             "fingerprint": fp, "fingerprint_parts": fp_parts, "data_metadata": meta, "model_config": model_config,
-            "resumed_from": str(resume_path) if resume_path else None, "command": sys.argv,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            "resumed_from": str(resume_path) if resume_path else None, "changed_at_resume": changed,
+            "command": sys.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, allow_nan=False)
         run_dir.truncate_metrics(start_step)
 
     loss_module = _wrap_for_ddp(TrainStep(model, loss_chunk_size=cfg.loss_chunk_size), dist)
@@ -182,7 +222,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     return TrainingRun(cfg=cfg, dist=dist, run_dir=run_dir, tokenizer=tokenizer, model=model, trainable=trainable,
                        loss_module=loss_module, optimizer=optimizer, scheduler=scheduler,
                        order=StreamOrder(train_rows, seed=cfg.seed), validation=val_rows, writer=writer, pbar=pbar,
-                       stop_signal=stop_signal, fingerprint=fp, fingerprint_parts=fp_parts, max_steps=max_steps,
+                       stop_signal=_stop_signal, fingerprint=fp, fingerprint_parts=fp_parts,
+                       resume_path=resume_path, settings=settings, max_steps=max_steps,
                        rows_per_step=rows_per_step, tokens_per_step=tokens_per_step,
                        n_train_rows=len(train_rows), step=start_step, rows_consumed=rows_consumed,
                        tokens_seen=tokens_seen)
@@ -210,30 +251,52 @@ def _plan(cfg: TrainConfig, dist: Dist, model_config: dict, max_len: int) -> tup
     return attn, plan
 
 
-def _open_run_dir(cfg: TrainConfig, dist: Dist) -> tuple[RunDir, dict]:
-    """RUN/ and the stop protocol: RUN/stop_requested or SIGUSR1 ask for a checkpoint and a clean exit."""
+def _open_run_dir(cfg: TrainConfig, dist: Dist) -> RunDir:
+    """RUN/, with the stop protocol's file cleared: RUN/stop_requested (or SIGUSR1) asks for a checkpoint and a
+    clean exit."""
     run_dir = RunDir(cfg.output_dir, enabled=dist.is_main)
     if dist.is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
         run_dir.stop_path.unlink(missing_ok=True)  # a stale request from the previous job must not stop this one
+        if not run_dir.status_path.exists():  # marks RUN/ as a run directory before anything else is written
+            run_dir.set_status(state="running", step=0, pid=os.getpid())
     dist.barrier()
-    stop_signal = {"received": False}
-    signal.signal(signal.SIGUSR1, lambda *_: stop_signal.update(received=True))
-    return run_dir, stop_signal
+    return run_dir
 
 
-def _resume_point(cfg: TrainConfig, run_dir: RunDir) -> Path | None:
-    checkpoints = list_checkpoints(run_dir.path)
+def _resume_point(cfg: TrainConfig, run_dir: RunDir, dist: Dist) -> Path | None:
+    """The checkpoint to resume from. Rank 0 alone reads and checks the checkpoints (their digests cover every
+    byte) and every rank gets its answer, or its one-line error."""
+    answer = None
+    if dist.is_main:
+        try:
+            answer = (_find_resume_point(cfg, run_dir), None)
+        except UserError as e:
+            answer = (None, str(e))
+    resume_path, error = dist.gather(answer)[0]
+    if error is not None:
+        raise UserError(error)
+    return resume_path
+
+
+def _find_resume_point(cfg: TrainConfig, run_dir: RunDir) -> Path | None:
+    """--resume auto: the intact checkpoint written last (damaged ones passed over with a warning); never: none,
+    refused where checkpoints exist; a directory: that checkpoint, refused if damaged."""
     if cfg.resume == "auto":
-        return checkpoints[-1][1] if checkpoints else None
+        return newest_intact_checkpoint(run_dir.path, warn=lambda line: print(f"finetune.py: warning: {line}",
+                                                                               file=sys.stderr, flush=True))
     if cfg.resume == "never":
-        if checkpoints:
+        if list_checkpoints(run_dir.path):
             raise UserError(f"--resume never: {run_dir.path} already has checkpoints; use a new --output-dir "
                             f"or --resume auto")
         return None
     resume_path = Path(cfg.resume)
-    if not is_checkpoint(resume_path):
-        raise UserError(f"--resume {resume_path}: not a complete checkpoint directory")
+    if not resume_path.is_dir():
+        raise UserError(f"--resume {resume_path}: no such checkpoint directory")
+    damage = checkpoint_damage(resume_path)
+    if damage is not None:
+        raise UserError(f"--resume {resume_path}: damaged checkpoint ({damage}); resume from another one "
+                        f"(--resume auto takes the newest intact checkpoint)")
     return resume_path
 
 
@@ -269,12 +332,14 @@ def _setup_optimizer(cfg: TrainConfig, trainable: list, warmup: int, max_steps: 
 
 
 def _restore(cfg: TrainConfig, dist: Dist, resume_path: Path | None, model, optimizer, scheduler):
-    """(step, rows consumed, tokens seen) to start from: the checkpoint's, with its weights, optimizer, scheduler and
-    this rank's RNG restored; zeros for a fresh start."""
+    """(step, rows consumed, tokens seen) to start from: the checkpoint's, with its weights, optimizer state,
+    scheduler and this rank's RNG restored, and this run's settings applied from there on; zeros for a fresh
+    start."""
     if resume_path is None:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ per rank; LoRA init above is shared
         return 0, 0, 0
     state = load_checkpoint(resume_path, peft_model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
+    apply_settings(optimizer, scheduler, cfg)
     if state.get("world_size", dist.world) != dist.world:
         torch.manual_seed(cfg.seed + 1000 * state["step"] + dist.rank)  # no saved RNG stream for this rank layout
     return state["step"], state["rows_consumed"], state["tokens_seen"]
@@ -348,7 +413,14 @@ def train_step(run: TrainingRun) -> tuple[dict, bool]:
             loss_sum, _ = run.loss_module(**to_device(mb, dist.device))
             (loss_sum * scale).backward()
         local_loss += float(loss_sum.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf"))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf")))
+    stop_here = float(run.run_dir.stop_path.exists() or run.stop_signal["received"])
+    # one all-reduce: the loss, the stop votes, and any rank's non-finite gradient norm, so every rank decides alike
+    total_loss, stop_votes, nonfinite = dist.all_reduce_sum([local_loss, stop_here,
+                                                             float(not math.isfinite(grad_norm))])
+    loss = total_loss / max(global_labels, 1.0)
+    if nonfinite or not math.isfinite(loss):
+        raise diverged(run, f"step {run.step + 1}: loss {loss}, gradient norm {grad_norm}")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -356,15 +428,31 @@ def train_step(run: TrainingRun) -> tuple[dict, bool]:
     run.step += 1
     run.rows_consumed += run.rows_per_step
     run.tokens_seen += run.tokens_per_step
-    stop_here = float(run.run_dir.stop_path.exists() or run.stop_signal["received"])
-    total_loss, stop_votes = dist.all_reduce_sum([local_loss, stop_here])
-    run.loss = total_loss / max(global_labels, 1.0)
+    run.loss = loss
     stopping = stop_votes > 0 and run.step < run.max_steps  # at the last step, finishing is as quick
     return step_record(run, lr, grad_norm, global_labels, time.perf_counter() - t0), stopping
 
 
-def step_record(run: TrainingRun, lr: float, grad_norm, global_labels: float, seconds: float) -> dict:
-    record = {"step": run.step, "loss": run.loss, "lr": lr, "grad_norm": float(grad_norm),
+def diverged(run: TrainingRun, what: str) -> UserError:
+    """The one-line error that stops a run whose numbers are no longer finite, before anything of them is saved."""
+    last = run.run_dir.status.get("checkpoint") or run.resume_path
+    return UserError(f"training diverged at {what}; stopped before saving anything non-finite. Lower --lr (now "
+                     f"{run.cfg.lr:g}) or raise --warmup-steps and rerun: the new settings apply from "
+                     + (f"the last checkpoint, {last}" if last else "the newest checkpoint, if any"))
+
+
+def check_weights_finite(run: TrainingRun) -> None:
+    """Every rank's LoRA weights (its shards, under FSDP) finite, checked before they are written: a finite loss
+    and gradient can still give an update that overflows."""
+    local = all(bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
+                for p in run.trainable)
+    (bad,) = run.dist.all_reduce_sum([float(not local)])
+    if bad:
+        raise diverged(run, f"step {run.step}: LoRA weights not finite after the update")
+
+
+def step_record(run: TrainingRun, lr: float, grad_norm: float, global_labels: float, seconds: float) -> dict:
+    record = {"step": run.step, "loss": run.loss, "lr": lr, "grad_norm": grad_norm,
               "label_tokens": int(global_labels), "tokens": run.tokens_per_step,
               "tokens_per_s": run.tokens_per_step / seconds,
               "tokens_per_s_per_process": run.tokens_per_step / seconds / run.dist.world,
@@ -399,6 +487,8 @@ def evaluation_due(run: TrainingRun) -> bool:
 
 def validate(run: TrainingRun) -> None:
     val_loss, val_tokens = evaluate(run.model, run.validation, run.cfg, run.dist)
+    if not math.isfinite(val_loss):  # all-reduced: every rank stops alike
+        raise diverged(run, f"step {run.step}: validation loss {val_loss} over {val_tokens} label tokens")
     if run.dist.is_main:
         run.run_dir.log_metrics({"step": run.step, "val_loss": val_loss, "val_label_tokens": val_tokens})
         run.writer.add_scalar("val/loss", val_loss, run.step)
@@ -407,7 +497,9 @@ def validate(run: TrainingRun) -> None:
 
 
 def save(run: TrainingRun) -> None:
-    """A checkpoint of this step (every rank's RNG; rank 0 writes), after checking the replicas are identical."""
+    """A checkpoint of this step (every rank's RNG; rank 0 writes), after checking the replicas are identical and
+    finite."""
+    check_weights_finite(run)
     gathered = run.dist.gather((capture_rng(), lora_digest(run.trainable)))
     rng_states, digests = [g[0] for g in gathered], [g[1] for g in gathered]
     if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
@@ -419,8 +511,9 @@ def save(run: TrainingRun) -> None:
                                               "epoch": run.epoch, "loss": run.loss, "seed": run.cfg.seed,
                                               "world_size": run.dist.world, "lora_sha256_per_rank": digests,
                                               "fingerprint": run.fingerprint,
-                                              "fingerprint_parts": run.fingerprint_parts},
-                               rng_states=rng_states, keep=run.cfg.keep_checkpoints)
+                                              "fingerprint_parts": run.fingerprint_parts,
+                                              "settings": run.settings},
+                               rng_states=rng_states, keep=run.cfg.keep_checkpoints, protect=run.resume_path)
         run.run_dir.set_status(checkpoint=str(path))
     run.dist.barrier()
 
@@ -433,6 +526,7 @@ def finish(run: TrainingRun, stopped: bool) -> int:
                   f"to resume")
             run.run_dir.set_status(state="stopped", step=run.step)
         return 0
+    check_weights_finite(run)
     if run.dist.is_main:
         with atomic_dir(run.run_dir.adapter_path) as tmp:
             run.model.save_pretrained(tmp)
@@ -450,7 +544,8 @@ def record_failure(run: TrainingRun, e: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reports
-def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path, start_step: int) -> None:
+def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path, start_step: int,
+                 changed: dict) -> None:
     lines = ["finetune.py resolved recipe:"]
     for k, v in as_dict(cfg).items():
         lines.append(f"  {k:24s} {','.join(v) if isinstance(v, list) else v}")
@@ -470,6 +565,9 @@ def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path
     else:
         lines.append(f"  {'estimated peak GPU mem':24s} n/a (training on {r['device']})")
     lines.append(f"  {'resume':24s} " + (f"from {resume_path} (step {start_step})" if resume_path else "fresh start"))
+    if changed:
+        lines.append(f"  {'changed at resume':24s} " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in
+                                                             changed.items()) + f" (from step {start_step + 1})")
     print("\n".join(lines), flush=True)
 
 

@@ -36,6 +36,9 @@ Features, each with its trade-off:
     AutoModelForCausalLM.from_pretrained without peft. Merging needs unquantised weights, so with --merge-to the base
     is loaded with --quantize none (bf16); merging into 4-bit weights would re-round them and lose the adapter.
   * Output JSONL written atomically (to a temporary name, then renamed); stdout when --output is not given.
+  * Everything that can be checked is checked before the base loads, so no work is thrown away at the end: the
+    outputs (--output, --summary, --merge-to: never an input, nor inside an input directory, nor a foreign
+    directory), the adapter file, every reference against --vocab (--eval), the model's vocab_size.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import time
 import warnings
 from pathlib import Path
 
+from qlora.atomic import check_output_dir, check_output_file
 from qlora.errors import UserError, run_main
 from qlora.llama3 import FORMATS
 from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, STEP_DIR, checkpoints_dir, run_dir_of_adapter
@@ -64,6 +68,9 @@ SEED = 0
 JOINER = " "  # as data_processing.py --joiner
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")  # raised inside peft
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+MERGE_INFO = "merge_info.json"
+# marks a --merge-to directory as predict.py's (check_output_dir); merges from before "stage" are known by "dtype"
+MERGE_MARKER = {"stage": "merge", "dtype": "bfloat16"}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -209,7 +216,21 @@ def resolve_adapter(arg: str) -> tuple[Path | None, Path | None]:
     missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
     if missing:
         raise UserError(f"--adapter {adapter}: incomplete adapter, missing: {', '.join(missing)}")
+    read_json(adapter / "adapter_config.json", "--adapter")
+    adapter_shapes(adapter)  # a truncated weights file: refused now, not after the base has loaded
     return adapter, run
+
+
+def adapter_shapes(adapter: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} from adapter_model.safetensors' header; the header covers the whole file, so a
+    truncated file is refused here."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+            return {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except SafetensorError as e:
+        raise UserError(f"--adapter {adapter}: adapter_model.safetensors is damaged ({e})") from None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -294,41 +315,66 @@ def load_vocab(args: argparse.Namespace, trained: dict, run: Path | None, data_m
 def check_adapter_fits(model, adapter: Path) -> None:
     """Every LoRA matrix must match its module's shape in --model: a one-line error instead of peft's size-mismatch
     traceback when the adapter was trained on another base."""
-    from safetensors import safe_open
-
     modules = dict(model.named_modules())
-    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            for kind in (".lora_A.", ".lora_B."):
-                if kind not in key:
-                    continue
-                name = key.split(kind)[0].removeprefix("base_model.model.")
-                shape = f.get_slice(key).get_shape()
-                mod = modules.get(name)
-                if mod is None or not hasattr(mod, "in_features"):
-                    raise UserError(f"--adapter {adapter} was trained on another base model: --model has no "
-                                    f"linear layer {name}")
-                need = mod.in_features if kind == ".lora_A." else mod.out_features
-                have = shape[1] if kind == ".lora_A." else shape[0]
-                if need != have:
-                    raise UserError(f"--adapter {adapter} was trained on another base model: {key} has shape "
-                                    f"{list(shape)} but {name} in --model has {mod.in_features} -> {mod.out_features}")
+    for key, shape in adapter_shapes(adapter).items():
+        for kind in (".lora_A.", ".lora_B."):
+            if kind not in key:
+                continue
+            name = key.split(kind)[0].removeprefix("base_model.model.")
+            mod = modules.get(name)
+            if mod is None or not hasattr(mod, "in_features"):
+                raise UserError(f"--adapter {adapter} was trained on another base model: --model has no "
+                                f"linear layer {name}")
+            need = mod.in_features if kind == ".lora_A." else mod.out_features
+            have = shape[1] if kind == ".lora_A." else shape[0]
+            if need != have:
+                raise UserError(f"--adapter {adapter} was trained on another base model: {key} has shape "
+                                f"{list(shape)} but {name} in --model has {mod.in_features} -> {mod.out_features}")
+
+
+def check_outputs(args: argparse.Namespace, model_dir: Path, adapter: Path | None, run: Path | None) -> None:
+    """--output, --summary and --merge-to, refused before anything loads when writing them would replace an input
+    (or anything inside an input directory), a directory of something else, or cannot be done at all."""
+    inputs = {"--model": model_dir, "--adapter": [p for p in (adapter, run and run / CONFIG_FILE) if p],
+              "--input": [args.input, Path(args.input).parent / "metadata.json"] if args.input else None,
+              "--vocab": args.vocab}
+    for flag, path in (("--output", args.output), ("--summary", args.summary)):
+        if path is not None:
+            check_output_file(path, inputs, flag=flag)
+    if args.output and args.summary and Path(args.output).resolve() == Path(args.summary).resolve():
+        raise UserError(f"--summary {args.summary}: is also --output; give them different files")
+    if args.merge_to:
+        check_output_dir(args.merge_to, inputs, stage="predict.py --merge-to", marker=MERGE_MARKER,
+                         marker_file=MERGE_INFO, flag="--merge-to")
+
+
+def reference_ids(records, vocab, joiner: str) -> dict[int, list[int]]:
+    """id(record) -> the hand ids of its reference, for --eval; refused now (before generating) if any reference
+    has a piece that is not in --vocab."""
+    out = {}
+    for r in records:
+        if r.reference is not None:
+            ids, unknown = vocab.text_to_ids(r.reference, joiner=joiner)
+            if unknown:
+                raise UserError(f"{r.source}: reference response has pieces not in --vocab: {unknown[:5]} (wrong "
+                                f"--vocab or --joiner?)")
+            out[id(r)] = ids
+    return out
 
 
 def merge_and_save(peft_model, model_dir: Path, adapter: Path, out: Path):
     """Merge the LoRA weights into the bf16 base and save a self-contained model directory (atomically)."""
     from qlora.atomic import atomic_dir
 
-    if out.exists() and not (out / "merge_info.json").exists() and any(out.iterdir()):
-        raise UserError(f"--merge-to {out}: directory exists and is not a previous merge; remove it or choose another")
     merged = peft_model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
-        (tmp / "merge_info.json").write_text(json.dumps(
-            {"base_model": str(model_dir.resolve()), "adapter": str(adapter.resolve()), "dtype": "bfloat16"}, indent=2) + "\n")
+        (tmp / MERGE_INFO).write_text(json.dumps(
+            {**MERGE_MARKER, "base_model": str(model_dir.resolve()), "adapter": str(adapter.resolve())},
+            indent=2) + "\n")
     print(f"merged adapter into bf16 base: {out}", file=sys.stderr)
     return merged
 
@@ -355,16 +401,17 @@ def main(argv=None) -> int:
         raise UserError("--merge-to needs the unquantised bf16 base: drop --quantize nf4 (it loads with --quantize none)")
     if args.merge_to and args.adapter.lower() == "none":
         raise UserError("--merge-to needs an adapter to merge (--adapter none given)")
+    model_dir = Path(args.model)
+    adapter, run = resolve_adapter(args.adapter)
+    check_outputs(args, model_dir, adapter, run)
     device = resolve_device(args.device)
     if args.gpu_memory_gib is not None and (args.gpu_memory_gib <= 0 or args.decode == "plain" or device == "cpu"):
         raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib}: plans the GPU memory of --decode continuous; give "
                         f"a size > 0, on a GPU, without --decode plain")
     quantize = "none" if args.merge_to else (args.quantize or "nf4")
-    model_dir = Path(args.model)
     from qlora.model import validate_model_dir
 
     model_config = validate_model_dir(model_dir)
-    adapter, run = resolve_adapter(args.adapter)
     trained = training_defaults(run)
     if trained.get("model") and Path(trained["model"]).resolve() != model_dir.resolve():
         # Only a warning: a moved or re-downloaded copy of the same base is fine; a different one is caught by the
@@ -380,6 +427,9 @@ def main(argv=None) -> int:
     vocab = load_vocab(args, trained, run, data_meta)
     joiner = args.joiner if args.joiner is not None else (
         trained.get("joiner") or _find(data_meta, "options.joiner") or JOINER)
+    if args.prefix_tokens is not None and joiner == "":
+        raise UserError("--prefix-tokens splits each text into hand tokens at the joiner, and --joiner is empty; "
+                        "give the joiner the data was written with")
     default_system = trained.get("system") or _find(data_meta, "options.system_prompt")
     kw = dict(default_format=args.format or trained.get("format"), system_override=args.system_prompt,
               default_system=default_system, prefix_tokens=args.prefix_tokens, joiner=joiner)
@@ -390,15 +440,17 @@ def main(argv=None) -> int:
         records = read_prompts_jsonl(args.input, **kw)
     if args.eval and not any(r.reference is not None for r in records):
         raise UserError(f"--eval: no record in {args.input} has a reference \"response\"")
+    references = reference_ids(records, vocab, joiner) if args.eval else None
 
     import torch
 
     from qlora import decoding
     from qlora.generation import encode_prompts
     from qlora.llama3 import load_tokenizer
-    from qlora.model import dtype_name, load_base_model, resolve_compute_dtype
+    from qlora.model import check_vocab_size, dtype_name, load_base_model, resolve_compute_dtype
 
     tokenizer = load_tokenizer(model_dir)
+    check_vocab_size(model_dir, model_config, tokenizer)
     continuous = args.decode == "continuous" and bool(records)
     sequences = len(records) * args.num_samples
     # --merge-to writes bf16 weights and needs no fast matmuls: merging in bf16 keeps an 8B merge at 16 GB of RAM
@@ -444,7 +496,7 @@ def main(argv=None) -> int:
     else:
         settings.update(batch_size=sampling.batch_size * args.num_samples)
     print(f"decoding {sequences} sequence(s): {', '.join(f'{k} {v}' for k, v in settings.items())}", file=sys.stderr)
-    summary = predict(model, tokenizer, records, sampling, vocab=vocab, joiner=joiner, do_eval=args.eval,
+    summary = predict(model, tokenizer, records, sampling, vocab=vocab, joiner=joiner, references=references,
                       output=args.output, decoder=decoder, startup_seconds=time.perf_counter() - started,
                       settings=settings)
     print(summary.line(), file=sys.stderr)
@@ -455,10 +507,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, do_eval=False, output=None,
+def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, references=None, output=None,
             decoder=None, startup_seconds=0.0, settings=None):
     """Generate (continuous batching through `decoder`, else generate() on batches), map, score and write; returns
-    the EvalSummary."""
+    the EvalSummary. references: reference_ids' {id(record): hand ids} to score against (--eval), or None."""
     from tqdm import tqdm
 
     from qlora.atomic import atomic_file
@@ -467,6 +519,7 @@ def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, d
     summary = EvalSummary(startup_seconds=startup_seconds, settings=settings or {})
     position = {id(r): i for i, r in enumerate(records)}
     losses = {}
+    do_eval = references is not None
     if do_eval:
         from qlora.generation import reference_losses
 
@@ -499,7 +552,6 @@ def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, d
         samples = generate_continuous(decoder, tokenizer, records, sampling, progress)
     else:
         samples = generate(model, tokenizer, records, sampling, progress)
-    ref_cache = {}
     for s in samples:
         row = {"source": s.record.source, "prompt": s.record.prompt, "format": s.record.format, "sample": s.index,
                "completion": s.text, "stop_reason": s.stop_reason}
@@ -510,13 +562,7 @@ def predict(model, tokenizer, records, sampling, *, vocab=None, joiner=JOINER, d
             if s.record.reference is not None:
                 row["reference"] = s.record.reference
                 if do_eval:
-                    if id(s.record) not in ref_cache:
-                        ref_ids, ref_unknown = vocab.text_to_ids(s.record.reference, joiner=joiner)
-                        if ref_unknown:
-                            raise UserError(f"{s.record.source}: reference response has pieces not in --vocab: "
-                                            f"{ref_unknown[:5]} (wrong --vocab or --joiner?)")
-                        ref_cache[id(s.record)] = ref_ids
-                    exact, acc = score(positional, ref_cache[id(s.record)])
+                    exact, acc = score(positional, references[id(s.record)])
                     row.update(exact_match=exact, token_accuracy=acc)
                     nll, n = losses[id(s.record)]
                     row["reference_loss"] = nll / max(n, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 import finetune
 from qlora.config import build_parser, resolve_config
 from qlora.errors import UserError, run_main
-from run_metrics import train_losses
+from run_metrics import metric_records, train_losses
 from shard_fixtures import random_rows, write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,8 +387,6 @@ def error_cases(tmp_path_factory, tiny_model_dir, finetune_task_data):
 @pytest.mark.parametrize("name", ["missing_model", "incomplete_model", "other_tokenizer", "max_len_above_context",
                                   "empty_data", "no_bnb_backend", "bad_flag_combination"])
 def test_bad_input_gives_one_line_error(error_cases, name):
-    import re
-
     code, out, err, pattern = error_cases[name]
     assert code == 2, (out, err)
     assert "Traceback" not in err
@@ -414,3 +413,271 @@ def test_cuda_out_of_memory_names_the_knobs(tiny_model_dir, finetune_task_data, 
     for knob in ("--micro-batch-size", "--max-len", "--gradient-checkpointing", "--low-memory"):
         assert knob in lines[-1]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+# ----------------------------------------------------------------------------------------------- refused before loading
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the base fails the test: what these refuse must be refused before it."""
+    def load(*a, **k):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(finetune, "load_base_model", load)
+
+
+@pytest.mark.parametrize("where,pattern", [
+    ("model", r"--output-dir \S+: is the input --model "),
+    ("model/run", r"--output-dir \S+: lies inside the input --model "),
+    ("data", r"--output-dir \S+: is the input --data "),
+    ("parent_of_data", r"--output-dir \S+: holds the input --data "),
+    ("foreign", r"--output-dir \S+: exists and is not a finetune output \(its status.json does not say \"stage\": "
+                r"\"finetune\"\)"),
+])
+def test_run_directory_that_would_overwrite_an_input_is_refused(tiny_model_dir, finetune_task_data, tmp_path,
+                                                                 no_model_load, where, pattern):
+    """--output-dir equal to --model overwrote the base's config.json (the base unusable afterwards); a run
+    directory that is, holds or lies inside the model or data directory, or holds something else, is refused."""
+    model, data = tmp_path / "model", tmp_path / "parent" / "data"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(finetune_task_data, data)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    run = {"model": model, "model/run": model / "run", "data": data, "parent_of_data": data.parent,
+           "foreign": tmp_path / "foreign"}[where]
+    before = {p: p.read_bytes() for p in [*model.rglob("*"), *data.rglob("*")] if p.is_file()}
+    with pytest.raises(UserError, match=f"^{pattern}"):
+        finetune.main(args_for(model, data, run, "--max-steps", 1))
+    assert {p: p.read_bytes() for p in [*model.rglob("*"), *data.rglob("*")] if p.is_file()} == before
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_run_directories_are_recognised_old_and_new(tmp_path):
+    """status.json says "stage": "finetune" since runs refuse foreign directories; runs from before are known by
+    their state, so they still resume."""
+    from qlora.atomic import check_output_dir
+    from qlora.rundir import RUN_MARKER, STATUS_FILE, RunDir
+
+    def check(path):
+        check_output_dir(path, {}, stage="finetune", marker=RUN_MARKER, marker_file=STATUS_FILE)
+
+    new = RunDir(tmp_path / "new", enabled=True)
+    new.set_status(state="running", step=0)
+    assert json.loads(new.status_path.read_text())["stage"] == "finetune"
+    check(new.path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "status.json").write_text(json.dumps({"state": "stopped", "step": 3}))
+    check(tmp_path / "old")
+    (tmp_path / "old" / "status.json").write_text(json.dumps({"state": "sleeping"}))  # control: not a run's state
+    with pytest.raises(UserError, match="is not a finetune output"):
+        check(tmp_path / "old")
+
+
+@pytest.mark.parametrize("flag,value,what", [
+    ("--adam-beta1", "1.0", "in [0, 1)"), ("--adam-beta2", "-0.1", "in [0, 1)"), ("--weight-decay", "-1.0", ">= 0"),
+    ("--eval-max-rows", "0", ">= 1"), ("--lora-alpha", "0.0", "> 0"),
+    ("--lr", "inf", "a finite number"), ("--lr", "nan", "a finite number"), ("--weight-decay", "inf", "a finite number"),
+    ("--epochs", "inf", "a finite number"), ("--max-grad-norm", "inf", "a finite number"),
+])
+def test_out_of_range_optimiser_settings_are_one_line_errors(flag, value, what):
+    with pytest.raises(UserError, match=rf"^{flag} {value}: must be {re.escape(what)}$"):
+        resolve_config(["--model", "m", "--data", "d", "--output-dir", "o", flag, value])
+
+
+def test_model_with_fewer_embeddings_than_tokenizer_ids_is_refused(tiny_model_dir, finetune_task_data, tmp_path,
+                                                                   no_model_load):
+    model = tmp_path / "small_vocab"
+    shutil.copytree(tiny_model_dir, model)
+    conf = json.loads((model / "config.json").read_text())
+    conf["vocab_size"] = 1000
+    (model / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match=r"^--model \S+small_vocab: config.json has vocab_size 1000, but its "
+                                        r"tokenizer.json has 128256 ids"):
+        finetune.main(args_for(model, finetune_task_data, tmp_path / "run", "--max-steps", 1))
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def test_damaged_checkpoint_is_reported_in_one_line(copied_run, tiny_model_dir, finetune_task_data, no_model_load,
+                                                    capsys):
+    """A truncated file in the only checkpoint: --resume DIR and --resume auto each say so in one line (it was a
+    traceback from deep inside torch.load); an empty step directory is reported, not skipped in silence."""
+    step2 = copied_run / "checkpoints" / "step-0000002"
+    size = (step2 / "optimizer.pt").stat().st_size
+    with open(step2 / "optimizer.pt", "r+b") as f:
+        f.truncate(size - 1)
+    (copied_run / "checkpoints" / "step-0000003").mkdir()
+    argv = args_for(tiny_model_dir, finetune_task_data, copied_run, "--max-steps", 3)
+    with pytest.raises(UserError, match=rf"^--resume {step2}: damaged checkpoint \(optimizer.pt has {size - 1} bytes, "
+                                        rf"{size} when saved\); resume from another one"):
+        finetune.main([*argv, "--resume", str(step2)])
+    with pytest.raises(UserError, match=r"^--resume \S+step-0000003: damaged checkpoint \(no trainer_state.json: not "
+                                        r"a complete checkpoint\)"):
+        finetune.main([*argv, "--resume", str(copied_run / "checkpoints" / "step-0000003")])
+    capsys.readouterr()
+    with pytest.raises(UserError, match=r"^--resume auto: every checkpoint in \S+ is damaged \(step-0000002: "
+                                        r"optimizer.pt has "):
+        finetune.main(argv)
+    err = capsys.readouterr().err
+    assert "finetune.py: warning: " in err and "step-0000003 has no trainer_state.json, so it is not a checkpoint" in err
+
+
+def test_another_seed_is_refused_on_resume(copied_run, tiny_model_dir, finetune_task_data, no_model_load):
+    """The data position of a checkpoint is a place in the row order --seed fixes: a new seed would repeat and skip
+    rows unnoticed."""
+    argv = args_for(tiny_model_dir, finetune_task_data, copied_run, "--max-steps", 3)
+    argv[argv.index("--seed") + 1] = "1"
+    with pytest.raises(UserError, match=r"^--seed 1: checkpoint \S+step-0000002 was trained with --seed 0"):
+        finetune.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------- damage, rewind, changes
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict JSON readers do."""
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def all_finite(path: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values())
+
+
+@pytest.mark.slow
+def test_rewind_then_resume_auto_continues_the_rewound_run(reference_run, tiny_model_dir, finetune_task_data,
+                                                           tmp_path, monkeypatch):
+    """--resume RUN/checkpoints/step-4 in a run that has step-6, stopped after step 5: rotation (keep 1) removes the
+    abandoned step-6, not step-4 (resumed from) or step-5 (written last); --resume auto then continues from step-5
+    and trains the same steps as the uninterrupted run. By step number, step-6 was kept and auto resumed from it."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    shutil.rmtree(run / "adapter")
+    step4 = run / "checkpoints" / "step-0000004"
+    train_step = finetune.train_step
+
+    def stop_during_step_5(r):  # as a SIGUSR1 during step 5 would (a thread watching metrics.jsonl could be late)
+        if r.step == 4:
+            finetune._stop_signal["received"] = True
+        return train_step(r)
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "train_step", stop_during_step_5)
+        assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6,
+                                      "--keep-checkpoints", 1, "--resume", step4)) == 0
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)) == 0
+    assert json.loads((run / "config.json").read_text())["resumed_from"].endswith("step-0000005")
+    ref, got = train_losses(reference_run), train_losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
+    assert_steps_differ(ref, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tiny_model_dir, finetune_task_data,
+                                                                  tmp_path, capsys):
+    """The last checkpoint's adapter cut short: rerunning the command warns in one line, resumes from step 4 and
+    trains steps 5 and 6 again, as the uninterrupted run did (it was a traceback on every --resume auto)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    shutil.rmtree(run / "adapter")  # the run did not finish: continue it
+    weights = run / "checkpoints" / "step-0000006" / "adapter" / "adapter_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 10)
+    assert finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "step-0000006 is damaged (adapter/adapter_model.safetensors has " in warnings[0]
+    assert json.loads((run / "config.json").read_text())["resumed_from"].endswith("step-0000004")
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    ref, got = train_losses(reference_run), train_losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
+    from qlora.checkpoint import checkpoint_damage
+
+    assert checkpoint_damage(run / "checkpoints" / "step-0000006") is None  # written again
+
+
+@pytest.mark.slow
+def test_changed_learning_rate_and_optimizer_settings_apply_from_the_resumed_step(finished_run, tiny_model_dir,
+                                                                                   finetune_task_data, tmp_path):
+    """The README says the learning rate may change between runs: the checkpoint's saved --lr (scheduler) and
+    weight decay/betas (optimizer) used to win while config.json showed the new ones."""
+    from qlora.training import lr_lambda
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    argv = args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 4, "--weight-decay", 0.1,
+                    "--adam-beta1", 0.8, "--save-every", 1)
+    argv[argv.index("--lr") + 1] = "1e-3"
+    assert finetune.main(argv) == 0
+    lrs = {s: r["lr"] for s, r in metric_records(run, "loss").items()}
+    warmup = 1  # ceil(0.03 x 4)
+    assert lrs[3] == pytest.approx(1e-3 * lr_lambda(warmup, 4, 0.1)(2))
+    assert lrs[4] == pytest.approx(1e-3 * lr_lambda(warmup, 4, 0.1)(3))
+    assert lrs[2] == pytest.approx(5e-3 * lr_lambda(warmup, 2, 0.1)(1))  # control: the first run's rate
+    groups = torch.load(run / "checkpoints" / "step-0000003" / "optimizer.pt", weights_only=False)["param_groups"]
+    assert groups[0]["weight_decay"] == 0.1 and groups[0]["betas"] == (0.8, 0.999)
+    changed = json.loads((run / "config.json").read_text())["changed_at_resume"]
+    assert changed["lr"] == [5e-3, 1e-3] and changed["weight_decay"] == [0.0, 0.1] and changed["max_steps"] == [2, 4]
+
+
+@pytest.mark.slow
+def test_diverged_run_fails_before_saving_anything_non_finite(tiny_model_dir, finetune_task_data, tmp_path,
+                                                              monkeypatch, capsys):
+    """--lr 1e30: the loss turns NaN at the second step. It used to finish "successfully" (exit 0) with every
+    checkpoint and the final adapter NaN and bare NaN in status.json and metrics.jsonl."""
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: finetune.main(args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 4,
+                                                "--save-every", 1, "--lr", "1e30")))
+    assert exc.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert lines[-1].startswith("finetune.py: error: training diverged at step ") and "Lower --lr" in lines[-1]
+    status = strict_json((run / "status.json").read_text())
+    assert status["state"] == "failed" and "diverged" in status["message"]
+    records = [strict_json(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["step"] <= status["step"] for r in records)
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    assert checkpoints, "the steps before the divergence were saved"
+    for ckpt in checkpoints:
+        assert all_finite(ckpt / "adapter" / "adapter_model.safetensors"), ckpt
+        strict_json((ckpt / "trainer_state.json").read_text())
+    assert not (run / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_sigusr1_at_startup_stops_at_the_first_step(tiny_model_dir, finetune_task_data, tmp_path):
+    """SIGUSR1 while finetune.py still imports torch used to kill it (the default action). Sent as soon as the
+    process catches it (or after 1 s, which is inside the imports), it stops with a checkpoint at step 1."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"),
+                             *args_for(tiny_model_dir, finetune_task_data, run, "--max-steps", 6)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 1.0
+    while time.time() < deadline and not _catches_sigusr1(proc.pid):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 1, status
+    assert (run / "checkpoints" / "step-0000001" / "trainer_state.json").is_file()
+
+
+def _catches_sigusr1(pid: int) -> bool:
+    """Whether the process has a handler for SIGUSR1 (bit 10 of SigCgt in /proc/PID/status)."""
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,6 @@ def _greedy_reference(model, ids, n):
 
 def test_left_padding_gives_the_same_greedy_output(tiny_model_dir, tokenizer, tmp_path):
     # A Meta-like generation_config.json (do_sample=True, temperature=0.6) must not leak into our greedy decoding.
-    import shutil
-
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_model_dir, model_dir)
     (model_dir / "generation_config.json").write_text(json.dumps(
@@ -344,8 +343,6 @@ def test_cli_continuous_and_plain_decoding_give_the_same_answers(stopping_model_
 
 def test_cli_adapter_none_and_run_dir_and_stdout(tiny_model_dir, adapter_dir, tmp_path, capsys):
     """--adapter none is the bare base; a run directory's config.json supplies the format (plain here)."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(adapter_dir, run / "adapter")
     (run / "config.json").write_text(json.dumps({"config": {"model": str(tiny_model_dir)},
@@ -450,9 +447,15 @@ def test_dequantized_nf4_is_the_trained_function(tiny_model_dir, adapter_dir):
 def test_merge_to_refuses_a_foreign_directory(tiny_model_dir, adapter_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="exists and is not a previous merge"):
+    with pytest.raises(UserError, match=r"exists and is not a predict.py --merge-to output \(its merge_info.json does "
+                                        r"not say \"stage\": \"merge\"\)"):
         _run("--model", tiny_model_dir, "--adapter", adapter_dir, "--merge-to", tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    # a merge written before merge_info.json had "stage" is still replaced by the next merge
+    (tmp_path / "old_merge").mkdir()
+    (tmp_path / "old_merge" / "merge_info.json").write_text(json.dumps({"base_model": "b", "dtype": "bfloat16"}))
+    predict.check_output_dir(tmp_path / "old_merge", {}, stage="merge", marker=predict.MERGE_MARKER,
+                             marker_file=predict.MERGE_INFO)
 
 
 # ------------------------------------------------------------------------------------------------------- errors
@@ -491,8 +494,6 @@ def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp
         ([*m, *a, "--input", inp, "--eval"], "--eval scores in the hand vocabulary: give --vocab"),
         ([*m, *a, "--prompt", "C4", "--eval", "--vocab", vocab_file], "--eval needs reference responses"),
         ([*m, *a, "--input", inp, "--eval", "--vocab", vocab_file], "no record in .* has a reference"),
-        ([*m, *a, "--input", refs, "--eval", "--vocab", vocab_file, "--max-new-tokens", 1],
-         r"refs.jsonl:1: reference response has pieces not in --vocab: \['X9'\]"),
         ([*m, *a, "--merge-to", tmp_path / "x", "--quantize", "nf4"], "--merge-to needs the unquantised bf16 base"),
         ([*m, "--adapter", "none", "--merge-to", tmp_path / "x"], "--merge-to needs an adapter"),
         ([*m, *a, "--prompt", "C4", "--num-samples", 2], "needs --temperature > 0"),
@@ -506,6 +507,71 @@ def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp
         with pytest.raises(UserError, match=msg):
             _run(*argv)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the base fails the test: what these refuse must be refused before it."""
+    import qlora.model
+
+    def load(*a, **k):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(qlora.model, "load_base_model", load)
+
+
+def test_refused_before_the_base_loads(tiny_model_dir, adapter_dir, vocab_file, tmp_path, no_model_load):
+    """Outputs that would replace an input (--output equal to --input replaced the prompts file), outputs that
+    cannot be written, a damaged adapter, a reference outside --vocab (found only after all generation was done)
+    and the rest: each a one-line error before anything is loaded or generated."""
+    inp = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "C4", "response": "D4"}])
+    refs = _write_jsonl(tmp_path / "refs.jsonl", [{"prompt": "C4", "response": "C4 X9"}])
+    plain = _write_jsonl(tmp_path / "plain.jsonl", [{"text": "<|begin_of_text|>C4D4E4", "format": "plain"}])
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(adapter_dir, truncated)
+    with open(truncated / "adapter_model.safetensors", "r+b") as f:
+        f.truncate((truncated / "adapter_model.safetensors").stat().st_size - 100)
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(tiny_model_dir, small_vocab)
+    conf = json.loads((small_vocab / "config.json").read_text())
+    conf["vocab_size"] = 1000
+    (small_vocab / "config.json").write_text(json.dumps(conf))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [inp, vocab_file, *model.rglob("*"), *adapter_dir.rglob("*")] if p.is_file()}
+    m, a = ["--model", model], ["--adapter", adapter_dir]
+    cases = [
+        ([*m, *a, "--input", inp, "--output", inp], rf"^--output {inp}: is the input --input "),
+        ([*m, *a, "--input", inp, "--vocab", vocab_file, "--output", tmp_path / "o.jsonl", "--summary", vocab_file],
+         rf"^--summary {vocab_file}: is the input --vocab "),
+        ([*m, *a, "--input", inp, "--output", model / "config.json"], r"^--output \S+config.json: lies inside the "
+                                                                      r"input --model "),
+        ([*m, *a, "--input", inp, "--output", adapter_dir / "x.jsonl"], "lies inside the input --adapter "),
+        ([*m, *a, "--input", inp, "--output", tmp_path / "s.json", "--summary", tmp_path / "s.json"],
+         "--summary .*s.json: is also --output"),
+        ([*m, *a, "--input", inp, "--output", tmp_path], rf"^--output {tmp_path}: is a directory"),
+        ([*m, *a, "--input", inp, "--output", tmp_path / "a_file" / "o.jsonl"], "cannot be created, .*a_file is a file"),
+        ([*m, *a, "--merge-to", tmp_path / "a_file"], rf"^--merge-to {tmp_path / 'a_file'}: exists and is not a "
+                                                      r"directory"),
+        ([*m, *a, "--merge-to", tmp_path / "merged"], "is not a predict.py --merge-to output"),
+        ([*m, *a, "--merge-to", model], rf"^--merge-to {model}: is the input --model "),
+        ([*m, "--adapter", truncated, "--prompt", "C4"],
+         r"^--adapter \S+truncated: adapter_model.safetensors is damaged \(.*incomplete metadata"),
+        ([*m, *a, "--input", refs, "--eval", "--vocab", vocab_file],
+         r"refs.jsonl:1: reference response has pieces not in --vocab: \['X9'\]"),
+        ([*m, *a, "--input", plain, "--prefix-tokens", 1, "--joiner", ""],
+         "^--prefix-tokens splits each text into hand tokens at the joiner, and --joiner is empty"),
+        (["--model", small_vocab, *a, "--prompt", "C4"],
+         r"^--model \S+small_vocab: config.json has vocab_size 1000, but its tokenizer.json has 128256 ids"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            _run(*argv)
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "merged" / "notes.txt").read_text() == "mine"
 
 
 def test_error_is_one_line_with_exit_code_2(tiny_model_dir, tmp_path):
@@ -610,8 +676,6 @@ def test_specials_flags_over_run_config_over_input_metadata(ambiguous_data, samp
 def test_run_config_supplies_system_prompt_and_checks_vocab(tiny_model_dir, adapter_dir, vocab_file, tmp_path, capsys):
     """finetune.py's RUN/config.json carries pretokenize's metadata, which carries data_processing's: the chat
     system prompt and vocabulary hash used in training come from there, and a --vocab that differs is refused."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(adapter_dir, run / "adapter")
     stage1 = {"options": {"system_prompt": "Transpose.", "joiner": " "}, "vocab": {"sha256": "0" * 64}}
