@@ -98,12 +98,15 @@ class TrainConfig:
                                       "never built whole; 1024 tokens = 0.5 GB of fp32 logits at a time)")
     # --- bookkeeping
     save_every: int = _opt(200, "write a checkpoint every N optimizer steps (and always at the end / on stop)")
-    keep_checkpoints: int = _opt(2, "keep the newest K checkpoints, delete older ones")
+    keep_checkpoints: int = _opt(2, "keep the K checkpoints written last (and the one this run resumed from), "
+                                    "delete older ones")
     eval_every: int = _opt(200, "validation loss every N optimizer steps (and at the end); 0: only at the end")
     eval_max_rows: int | None = _opt(None, "use at most this many validation rows per evaluation (default all)")
     log_every: int = _opt(1, "write metrics.jsonl / TensorBoard every N steps")
-    resume: str = _opt("auto", "auto: continue from the newest complete checkpoint in --output-dir (if any); "
-                               "never: start fresh (refused if checkpoints exist); or a checkpoint directory")
+    resume: str = _opt("auto", "auto: continue from the checkpoint written last in --output-dir (if any), passing "
+                               "over damaged ones with a warning; never: start fresh (refused if checkpoints exist); "
+                               "or a checkpoint directory (a rewind: the run goes on from there, and that checkpoint "
+                               "becomes its newest)")
     seed: int = _opt(1234, "seed for LoRA initialisation, data order and dropout")
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu or cuda",
                        choices=["auto", "cpu", "cuda"])
