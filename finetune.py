@@ -72,7 +72,7 @@ from pathlib import Path  # noqa: E402
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
-from qlora.atomic import atomic_dir, check_output_dir, write_json_atomic
+from qlora.atomic import atomic_dir, write_json_atomic
 from qlora.checkpoint import (capture_rng, check_fingerprint, check_seed, checkpoint_damage, load_checkpoint,
                               mark_resumed, newest_intact_checkpoint, read_trainer_state, run_fingerprint,
                               save_checkpoint)
@@ -85,8 +85,7 @@ from qlora.loss import count_label_tokens
 from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, check_vocab_size, count_parameters, dtype_name,
                          load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
 from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
-from qlora.rundir import (RUN_MARKER, STAGE, STATUS_FILE, RunDir, git_commit, library_versions,
-                          list_checkpoints)
+from qlora.rundir import RunDir, check_run_dir, git_commit, library_versions, list_checkpoints
 from qlora.training import apply_settings, evaluate, lr_lambda, make_optimizer, to_device
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
@@ -162,10 +161,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     """Check the inputs, plan memory, prepare RUN/ and find the resume point (all before loading the model: fast,
     one-line errors), then load model and optimizer, restore the checkpoint and record the run. None if RUN/
     already reached --max-steps."""
-    # RUN/ is written into, never replaced: check_output_dir guards the inputs (a run directory that is, holds or
-    # lies inside --model or --data would overwrite their config.json and more) and anything not a run's
-    check_output_dir(cfg.output_dir, {"--model": cfg.model, "--data": cfg.data}, stage=STAGE, marker=RUN_MARKER,
-                     marker_file=STATUS_FILE)
+    check_run_dir(cfg.output_dir, {"--model": cfg.model, "--data": cfg.data})
     model_config = validate_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     check_vocab_size(cfg.model, model_config, tokenizer)

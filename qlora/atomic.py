@@ -174,7 +174,7 @@ def _spellings(path: Path) -> set[Path]:
 
 def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | Iterable | None], *,
                      stage: str, marker: Mapping[str, object] | None = None, marker_file: str = "metadata.json",
-                     flag: str = "--output-dir") -> None:
+                     flag: str = "--output-dir", ignore: Iterable[str] = ()) -> None:
     """Raise a one-line UserError unless a command may replace the directory `path` whole (or own it).
 
     inputs: every path the command reads, by the flag that named it, e.g. {"--vocab": "v.json", "--input": files};
@@ -186,6 +186,8 @@ def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.Path
         the JSON object of path/marker_file (a tuple value: any of its values). Default {"stage": stage}. A
         directory that is not empty and not marked is refused: it holds something else of the user's.
     flag: the option that named `path`, for the message.
+    ignore: names of entries that do not make the directory "not empty" (a stop file a job script may create
+        before the stage has started).
 
     Also refused: a path that is a file, lies under a file, cannot be created (no write permission, read-only
     file system), or holds the working directory.
@@ -216,7 +218,7 @@ def check_output_dir(path: str | os.PathLike, inputs: Mapping[str, str | os.Path
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot be replaced, its parent directory is not writable")
     try:
-        empty = not any(out.iterdir())
+        empty = all(p.name in ignore for p in out.iterdir())
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot be read ({e.strerror})") from None
     if empty:

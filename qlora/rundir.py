@@ -12,7 +12,7 @@
 
 finetune.py and qlora/checkpoint.py write these; predict.py reads them (--adapter RUN or a checkpoint, and
 config.json for the training format). Only rank 0 writes. status.json's "stage": "finetune" marks a directory as
-a run directory (qlora.atomic.check_output_dir); runs from before that key are known by their "state".
+a run directory (check_run_dir); runs from before that key are known by their "state".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .atomic import atomic_file, write_json_atomic
+from .atomic import atomic_file, check_output_dir, write_json_atomic
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -37,8 +37,15 @@ MANIFEST_FILE = "manifest.json"            # a checkpoint's last file: sizes and
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 STAGE = "finetune"
 STATES = ("running", "stopped", "finished", "failed")
-# check_output_dir's marker of a run directory: status.json says so, or (runs before the key) has a state
-RUN_MARKER = {"stage": STAGE, "state": STATES}
+
+
+def check_run_dir(path, inputs: dict) -> None:
+    """One-line refusal of an --output-dir that training must not write into: one that is, holds or lies inside an
+    input (`inputs`, as qlora.atomic.check_output_dir's), or a non-empty directory that is not a run directory.
+    A run directory's status.json says "stage": "finetune", or (runs from before that key) has a state; a lone
+    stop file is finetune.sbatch asking to stop before training has started."""
+    check_output_dir(path, inputs, stage=STAGE, marker={"stage": STAGE, "state": STATES}, marker_file=STATUS_FILE,
+                     ignore=[STOP_FILE])
 
 
 def step_dir_name(step: int) -> str:

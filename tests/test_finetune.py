@@ -453,23 +453,25 @@ def test_run_directory_that_would_overwrite_an_input_is_refused(tiny_model_dir, 
 
 def test_run_directories_are_recognised_old_and_new(tmp_path):
     """status.json says "stage": "finetune" since runs refuse foreign directories; runs from before are known by
-    their state, so they still resume."""
-    from qlora.atomic import check_output_dir
-    from qlora.rundir import RUN_MARKER, STATUS_FILE, RunDir
-
-    def check(path):
-        check_output_dir(path, {}, stage="finetune", marker=RUN_MARKER, marker_file=STATUS_FILE)
+    their state, so they still resume; a stop file alone is finetune.sbatch asking to stop before the start."""
+    from qlora.rundir import RunDir, check_run_dir
 
     new = RunDir(tmp_path / "new", enabled=True)
     new.set_status(state="running", step=0)
     assert json.loads(new.status_path.read_text())["stage"] == "finetune"
-    check(new.path)
+    check_run_dir(new.path, {})
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "status.json").write_text(json.dumps({"state": "stopped", "step": 3}))
-    check(tmp_path / "old")
+    check_run_dir(tmp_path / "old", {})
     (tmp_path / "old" / "status.json").write_text(json.dumps({"state": "sleeping"}))  # control: not a run's state
     with pytest.raises(UserError, match="is not a finetune output"):
-        check(tmp_path / "old")
+        check_run_dir(tmp_path / "old", {})
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "stop_requested").touch()
+    check_run_dir(tmp_path / "early", {})
+    (tmp_path / "early" / "notes.txt").touch()  # control: anything else is the user's
+    with pytest.raises(UserError, match="is not a finetune output"):
+        check_run_dir(tmp_path / "early", {})
 
 
 @pytest.mark.parametrize("flag,value,what", [
@@ -561,9 +563,9 @@ def test_rewind_then_resume_auto_continues_the_rewound_run(reference_run, tiny_m
     step4 = run / "checkpoints" / "step-0000004"
     train_step = finetune.train_step
 
-    def stop_during_step_5(r):  # as a SIGUSR1 during step 5 would (a thread watching metrics.jsonl could be late)
+    def stop_during_step_5(r):  # the stop protocol, from inside: a thread watching metrics.jsonl could be late
         if r.step == 4:
-            finetune._stop_signal["received"] = True
+            r.run_dir.stop_path.touch()
         return train_step(r)
 
     with monkeypatch.context() as m:
