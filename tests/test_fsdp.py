@@ -278,12 +278,23 @@ def test_two_fsdp_ranks_match_one_process_with_the_same_rows(runs):
 
 
 @pytest.mark.slow
-def test_resuming_a_sharded_checkpoint_continues_identically(runs):
+def test_resuming_a_sharded_checkpoint_continues_identically(runs, tmp_path):
+    import shutil
+
+    from qlora.checkpoint import checkpoint_damage
+
     (fsdp_dir, sharded), (resumed_dir, resumed) = runs["fsdp"], runs["resumed"]
     ckpt = fsdp_dir / "checkpoints" / "step-0000003"
     for name in ("lora/.metadata", "optimizer/rank-00000.pt", "optimizer/rank-00001.pt",
                  "adapter/adapter_model.safetensors", "scheduler.pt", "rng_states.pt"):
         assert (ckpt / name).is_file(), name
+    # the manifest covers every rank's files: a damaged shard is found as a DDP checkpoint's file is
+    assert "optimizer/rank-00001.pt" in json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert checkpoint_damage(ckpt) is None
+    damaged = shutil.copytree(ckpt, tmp_path / "step-0000003")
+    with open(damaged / "optimizer" / "rank-00001.pt", "r+b") as f:
+        f.truncate(10)
+    assert checkpoint_damage(damaged).startswith("optimizer/rank-00001.pt has 10 bytes, ")
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["parallelism"] == "fsdp" and state["world_size"] == 2 and state["rows_consumed"] == 6
     assert not list((fsdp_dir / "checkpoints").glob(".*"))  # no temporary directory left
