@@ -432,9 +432,11 @@ def train_step(run: TrainingRun) -> tuple[dict, bool]:
 def diverged(run: TrainingRun, what: str) -> UserError:
     """The one-line error that stops a run whose numbers are no longer finite, before anything of them is saved."""
     last = run.run_dir.status.get("checkpoint") or run.resume_path
+    rerun = (f"the new settings apply from the last checkpoint, {last} (should the run diverge again at once, its "
+             f"weights are past saving: --resume an earlier checkpoint or use a new --output-dir)" if last else
+             "there is no checkpoint yet, so it starts afresh")
     return UserError(f"training diverged at {what}; stopped before saving anything non-finite. Lower --lr (now "
-                     f"{run.cfg.lr:g}) or raise --warmup-steps and rerun: the new settings apply from "
-                     + (f"the last checkpoint, {last}" if last else "the newest checkpoint, if any"))
+                     f"{run.cfg.lr:g}) or raise --warmup-steps and rerun: {rerun}")
 
 
 def check_weights_finite(run: TrainingRun) -> None:

@@ -53,7 +53,7 @@ from pathlib import Path
 from qlora.atomic import check_output_dir, check_output_file
 from qlora.errors import UserError, run_main
 from qlora.llama3 import FORMATS
-from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, STEP_DIR, checkpoints_dir, run_dir_of_adapter
+from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, checkpoints_dir, run_dir_of_adapter
 from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags
 
 # ------------------------------------------------------------------------------------------------- defaults
@@ -206,8 +206,10 @@ def resolve_adapter(arg: str) -> tuple[Path | None, Path | None]:
     elif (p / "adapter_config.json").exists() or (p / "adapter_model.safetensors").exists():
         adapter = p
     elif checkpoints_dir(p).is_dir():
-        steps = sorted(c.name for c in checkpoints_dir(p).iterdir() if STEP_DIR.match(c.name))
-        hint = f"; its newest checkpoint is {checkpoints_dir(p) / steps[-1]}" if steps else ""
+        from qlora.checkpoint import checkpoints_by_write_order
+
+        written = checkpoints_by_write_order(p)
+        hint = f"; its newest checkpoint is {written[-1]}" if written else ""
         raise UserError(f"--adapter {p}: run has no final adapter (RUN/adapter) yet{hint}")
     else:
         raise UserError(f"--adapter {p}: neither a run directory (RUN/adapter) nor an adapter directory "

@@ -479,6 +479,7 @@ def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp
     (no_weights / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
     run_no_adapter = tmp_path / "run"
     (run_no_adapter / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (run_no_adapter / "checkpoints" / "step-0000010" / "trainer_state.json").write_text('{"step": 10}')
     m, a = ["--model", tiny_model_dir], ["--adapter", adapter_dir]
     cases = [
         ([*m, *a], "nothing to do"),
