@@ -76,10 +76,6 @@ def read_trainer_state(path) -> dict:
     return json.loads((Path(path) / TRAINER_STATE_FILE).read_text())
 
 
-def is_checkpoint(path) -> bool:
-    return (Path(path) / TRAINER_STATE_FILE).is_file()
-
-
 # ----------------------------------------------------------------------------------------------- trust and order
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
