@@ -306,7 +306,9 @@ def test_ddp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path, f
     data = pretokenized_task(tmp_path / "data", small_model_dir, n_train=48, n_val=8, max_len=256)
     common = [str(c) for c in ["--model", small_model_dir, "--data", data, "--micro-batch-size", 1, "--max-steps", 4,
                                "--save-every", 2, "--eval-every", 4, "--lr", "1e-3", "--seed", 0, *flags]]
-    env = {**os.environ, "PYTHONPATH": str(root), ONE_GPU_TEST_HOOK: "1"}
+    # keep PYTHONPATH's entries (the device machine's carried wheels live there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           ONE_GPU_TEST_HOOK: "1"}
     run2, run1 = tmp_path / "ddp2", tmp_path / "single"
     for cmd, run in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        str(root / "finetune.py"), "--grad-accum", "1"], run2),
