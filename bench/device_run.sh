@@ -99,7 +99,8 @@ case "$PHASE" in
     ;;
   gputests)
     # the GPU tests alone (small models built in the tests; no 8B checkpoint): a few minutes of device time
-    timeout ${GPUTESTS_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -s 2>&1 \
+    timeout ${GPUTESTS_TIMEOUT:-400} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -s \
+      ${GPUTESTS_K:+-k "$GPUTESTS_K"} 2>&1 \
       | grep --line-buffered -v "Loading weights" > "$OUT/gpu_tests.txt"
     tail -60 "$OUT/gpu_tests.txt"; stamp "gpu tests done"
     ;;
