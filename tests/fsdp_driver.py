@@ -62,7 +62,7 @@ def main() -> None:
                                   save_checkpoint, save_sharded_checkpoint)
     from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
     from qlora.loss import count_label_tokens
-    from qlora.model import TrainStep, apply_lora, load_base_model
+    from qlora.model import TrainStep, apply_lora, load_base_model, resolve_compute_dtype
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.device == "cuda":
@@ -89,8 +89,9 @@ def main() -> None:
     rows_per_step = args.micro_batch_size * args.grad_accum * world
 
     torch.manual_seed(args.seed)
-    base = load_base_model(args.model, attn_implementation=args.attn, device=device,
-                           quant_storage=fsdp.QUANT_STORAGE if sharded else torch.uint8)
+    compute_dtype = resolve_compute_dtype("auto", device)
+    base = load_base_model(args.model, attn_implementation=args.attn, device=device, compute_dtype=compute_dtype,
+                           quant_storage=compute_dtype if sharded else torch.uint8)
     if sharded:
         fsdp.offload_embeddings(base)
     model = apply_lora(base, r=args.lora_r, alpha=16, seed=args.seed, checkpoint_layers=args.checkpoint_layers,

@@ -43,10 +43,22 @@ def one_process_group():
 
 
 @pytest.fixture(scope="module")
-def fsdp_rows(tmp_path_factory, tiny_model_dir):
+def untied_model_dir(tmp_path_factory):
+    """The tiny model with its own lm_head, as Llama-3-8B and -70B have (the head is then a unit of its own)."""
+    from qlora.tiny_model import build_tiny_llama3
+
+    return build_tiny_llama3(tmp_path_factory.mktemp("untied") / "model", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp_rows(tmp_path_factory, untied_model_dir):
     """40 packed rows of 64 tokens, 1-3 documents each."""
-    return write_rows(tmp_path_factory.mktemp("fsdp_rows") / "tok", tiny_model_dir, 64,
-                      random_rows(tiny_model_dir, 40, 64, seed=1))
+    return write_rows(tmp_path_factory.mktemp("fsdp_rows") / "tok", untied_model_dir, 64,
+                      random_rows(untied_model_dir, 40, 64, seed=1))
+
+
+# The 4-bit bytes stored in the compute dtype, as qlora.fsdp.shard needs: fp32 on the CPU.
+SHARDABLE = dict(quant_storage=torch.float32)
 
 
 def two_rows(data_dir) -> dict:
@@ -66,13 +78,14 @@ def quant_state_seen_by_mlps(peft_model) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- sharding (fast)
-def test_sharded_blocks_compute_with_their_quant_state(one_process_group, tiny_model_dir, fsdp_rows):
-    """The loss is unchanged by sharding, and each gathered 4-bit weight carries its quant state (control: plain
-    fully_shard drops it; qlora/speed.py's fused MLP would then quietly fall back to the unfused path)."""
+def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied_model_dir, fsdp_rows):
+    """The loss is unchanged by sharding (bit for bit: the fp32 compute of the CPU gathers every weight in fp32, and
+    the 4-bit bytes stored in fp32 pass uncast), and each gathered 4-bit weight carries its quant state (control:
+    plain fully_shard drops it; qlora/speed.py's fused MLP would then quietly fall back to the unfused path)."""
     from torch.distributed.fsdp import fully_shard
 
     batch = two_rows(fsdp_rows)
-    model = apply_lora(load_base_model(tiny_model_dir, quant_storage=fsdp.QUANT_STORAGE), r=8)
+    model = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
     before, _ = forward_loss(model, batch)
     seen = quant_state_seen_by_mlps(model)
     step = fsdp.shard(TrainStep(model), "cpu")
@@ -82,7 +95,7 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, tiny_m
     assert after.item() == before.item()
     assert seen == [True, True]
 
-    plain = apply_lora(load_base_model(tiny_model_dir, quant_storage=fsdp.QUANT_STORAGE), r=8)
+    plain = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
     seen = quant_state_seen_by_mlps(plain)
     plain_step = TrainStep(plain)
     for layer in plain.get_base_model().model.layers:
@@ -92,23 +105,57 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, tiny_m
     assert seen == [False, False]
 
 
-def test_shard_refuses_4bit_weights_stored_as_bytes(one_process_group, tiny_model_dir):
-    model = apply_lora(load_base_model(tiny_model_dir), r=8)  # default storage: uint8
-    with pytest.raises(UserError, match="quant_storage=qlora.fsdp.QUANT_STORAGE"):
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_shard_refuses_4bit_weights_stored_in_another_dtype_than_the_compute(one_process_group, untied_model_dir,
+                                                                            storage):
+    """uint8: FSDP would gather it as bytes beside fp32 weights; bf16 under fp32 compute: the gather would cast it."""
+    model = apply_lora(load_base_model(untied_model_dir, quant_storage=storage), r=8)
+    with pytest.raises(UserError, match=f"stored as {storage} under torch.float32 compute.*quant_storage=compute_dtype"):
         fsdp.shard(TrainStep(model), "cpu")
 
 
-def test_bf16_storage_keeps_the_same_bytes_and_loss(tiny_model_dir, fsdp_rows):
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_float_storage_keeps_the_same_bytes_and_loss(untied_model_dir, fsdp_rows, storage):
     batch = two_rows(fsdp_rows)
-    as_bytes = load_base_model(tiny_model_dir)
-    as_bf16 = load_base_model(tiny_model_dir, quant_storage=torch.bfloat16)
+    as_bytes = load_base_model(untied_model_dir)
+    as_float = load_base_model(untied_model_dir, quant_storage=storage)
     w8 = as_bytes.model.layers[0].mlp.down_proj.weight
-    w16 = as_bf16.model.layers[0].mlp.down_proj.weight
-    assert w8.dtype == torch.uint8 and w16.dtype == torch.bfloat16
-    assert torch.equal(w16.view(torch.uint8).flatten(), w8.flatten())
+    wf = as_float.model.layers[0].mlp.down_proj.weight
+    assert w8.dtype == torch.uint8 and wf.dtype == storage
+    assert torch.equal(wf.view(torch.uint8).flatten(), w8.flatten())
     loss8, _ = forward_loss(apply_lora(as_bytes, r=8), batch)
-    loss16, _ = forward_loss(apply_lora(as_bf16, r=8), batch)
-    assert float(loss8) == float(loss16)
+    lossf, _ = forward_loss(apply_lora(as_float, r=8), batch)
+    assert float(loss8) == float(lossf)
+
+
+def test_lm_head_is_gathered_for_the_loss_alone(one_process_group, untied_model_dir, tiny_model_dir, fsdp_rows,
+                                                caplog):
+    """forward_loss uses the lm_head by its weight and never calls it: its own unit is gathered when the final norm
+    has run and released when the step's forward ends, and FSDP finds every unit's forward complete (no "did not run
+    forward before backward"). Tied embeddings stay in the root unit (control: gathered through the whole step)."""
+    import logging
+
+    from torch.distributed.tensor import DTensor
+
+    batch = two_rows(fsdp_rows)
+    model = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
+    step = fsdp.shard(TrainStep(model), "cpu")
+    head = model.get_base_model().lm_head
+    gathered_in_loss = []
+    norm = model.get_base_model().model.norm
+    norm.register_forward_hook(lambda *_: gathered_in_loss.append(not isinstance(head.weight, DTensor)), prepend=False)
+    with caplog.at_level(logging.WARNING, logger="torch.distributed.fsdp.fully_shard"):
+        for _ in range(2):
+            loss, _ = step(**batch)
+            assert isinstance(head.weight, DTensor)  # released once the loss is computed
+            loss.backward()
+    assert gathered_in_loss == [True, True]
+    assert "did not run forward" not in caplog.text
+
+    tied = apply_lora(load_base_model(tiny_model_dir, **SHARDABLE), r=8)
+    tied_step = fsdp.shard(TrainStep(tied), "cpu")
+    tied_step(**two_rows(fsdp_rows))
+    assert not isinstance(tied.get_base_model().lm_head.weight, DTensor)
 
 
 def test_shard_optimizer_steps_each_ranks_own_shards(one_process_group):
@@ -144,7 +191,7 @@ def test_shard_optimizer_steps_each_ranks_own_shards(one_process_group):
         naive.step()
 
 
-def test_evaluation_runs_as_many_forwards_on_every_rank(tiny_model_dir, fsdp_rows):
+def test_evaluation_runs_as_many_forwards_on_every_rank(untied_model_dir, fsdp_rows):
     """5 validation micro-batches over 2 ranks: both run 3 forwards, and the filler adds no loss and no label."""
     import math
 
@@ -156,7 +203,7 @@ def test_evaluation_runs_as_many_forwards_on_every_rank(tiny_model_dir, fsdp_row
     per_rank = math.ceil(5 / 2)
     padded = [fsdp.even_eval_batches(b, per_rank, filler=mine[0][0]) for b in mine]
     assert [len(b) for b in padded] == [3, 3]
-    model = apply_lora(load_base_model(tiny_model_dir), r=8)
+    model = apply_lora(load_base_model(untied_model_dir), r=8)
     with torch.no_grad():
         loss, n = forward_loss(model, {k: torch.from_numpy(v) for k, v in padded[1][-1].items()})
     assert loss.item() == 0.0 and int(n) == 0
@@ -239,11 +286,11 @@ def run_driver(out: Path, model, data, *args, ranks: int = 1):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, fsdp_rows):
+def runs(tmp_path_factory, untied_model_dir, fsdp_rows):
     """5 optimizer steps of 2 rows each: one process with grad-accum 2; 2 FSDP ranks of one row each (checkpoint at
     step 3); the same 2 ranks resumed from that checkpoint; and a control: one process, one row a step."""
     tmp = tmp_path_factory.mktemp("fsdp_runs")
-    common = (tiny_model_dir, fsdp_rows, "--steps", 5)
+    common = (untied_model_dir, fsdp_rows, "--steps", 5)
     return {
         "single": (tmp / "single", run_driver(tmp / "single", *common, "--grad-accum", 2)),
         "fsdp": (tmp / "fsdp", run_driver(tmp / "fsdp", *common, "--save-at", 3, ranks=2)),
