@@ -11,7 +11,9 @@ tokens/s) and OUT/adapter (the gathered LoRA as a PEFT adapter); --save-at STEP 
 OUT/checkpoints, --resume CKPT continues from one.
 
 --device cuda --same-gpu puts every rank on cuda:0 (gloo carries the collectives: NCCL refuses two ranks on one GPU),
-the GPU equality check of bench/device_run.sh's fsdp phase.
+the GPU equality check of bench/device_run.sh's fsdp phase. --stage-through-cpu hands FSDP's all-gathers and
+reduce-scatters to gloo as CPU tensors (copied over and back) instead of CUDA ones: the fallback of that check, should
+gloo's CUDA path fail under FSDP (bench/fsdp_diag.py finds out); a test-harness device only, never the product's.
 """
 from __future__ import annotations
 
@@ -29,6 +31,43 @@ import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def staged_through_cpu_comms():
+    """(AllGather, ReduceScatter) for FSDPModule.set_custom_all_gather / set_custom_reduce_scatter that run gloo's CPU
+    collectives on host copies of FSDP's CUDA buffers (synchronous; FSDP's streams order the copies)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    class Allocate:
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+    class StagedAllGather(Allocate, AllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            host = torch.empty(output_tensor.shape, dtype=output_tensor.dtype)
+            dist.all_gather_into_tensor(host, input_tensor.cpu(), group=group)
+            output_tensor.copy_(host)
+
+    class StagedReduceScatter(Allocate, ReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            host = torch.empty(output_tensor.shape, dtype=output_tensor.dtype)
+            dist.reduce_scatter_tensor(host, input_tensor.cpu(), op=op, group=group)
+            output_tensor.copy_(host)
+
+    return StagedAllGather(), StagedReduceScatter()
+
+
+def stage_through_cpu(root: torch.nn.Module) -> int:
+    """Give every FSDP unit under `root` the CPU-staged collectives; the number of units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    all_gather, reduce_scatter = staged_through_cpu_comms()
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_custom_all_gather(all_gather)
+        m.set_custom_reduce_scatter(reduce_scatter)
+    return len(units)
 
 
 def main() -> None:
@@ -49,6 +88,8 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--same-gpu", action="store_true", help="every rank on cuda:0")
+    ap.add_argument("--stage-through-cpu", action="store_true",
+                    help="FSDP's collectives on CPU copies of its buffers (gloo's CPU path)")
     ap.add_argument("--kernels", default="none", choices=["none", "liger"])
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--checkpoint-layers", type=int, default=-1)
@@ -104,6 +145,8 @@ def main() -> None:
 
     if sharded:
         step_fn = fsdp.shard(step_fn, device)
+        if args.stage_through_cpu:
+            stage_through_cpu(step_fn)
         trainable = [p for p in model.parameters() if p.requires_grad]  # now DTensors
         optimizer = fsdp.shard_optimizer(trainable, build)
     else:
@@ -179,7 +222,7 @@ def main() -> None:
         (out / "result.json").write_text(json.dumps({
             "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": per_rank,
             "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
-            "resumed_from": args.resume}, indent=2) + "\n")
+            "resumed_from": args.resume, "staged_through_cpu": args.stage_through_cpu}, indent=2) + "\n")
     if sharded:
         dist.barrier()
         dist.destroy_process_group()
