@@ -149,6 +149,7 @@ def shard_optimizer(params, build) -> torch.optim.Optimizer:
     with torch.no_grad():  # to_local() without grad is the shard itself (its storage), not a differentiable view
         shards = [p.to_local() for p in params]
     optimizer = build(shards)
+    _state_precision_of_the_whole_tensors(optimizer, params, shards)
 
     def hand_over_gradients(_optimizer, _args, _kwargs):
         with torch.no_grad():
@@ -162,6 +163,21 @@ def shard_optimizer(params, build) -> torch.optim.Optimizer:
     optimizer.register_step_pre_hook(hand_over_gradients)
     optimizer.register_step_post_hook(drop_gradients)
     return optimizer
+
+
+def _state_precision_of_the_whole_tensors(optimizer, params, shards) -> None:
+    """bitsandbytes keeps a tensor smaller than min_8bit_size in 32-bit state, judging by the tensor it is handed: the
+    shard of a tensor above the limit can fall below it and take 32-bit state where one process takes 8-bit (another
+    update). Decide by the whole tensor instead, through bitsandbytes' per-parameter config override."""
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        return
+    import bitsandbytes as bnb
+
+    limit = optimizer.args.min_8bit_size
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for p, s in zip(params, shards):
+        if s.numel() < limit <= p.numel():
+            manager.override_config(s, "min_8bit_size", 0)
 
 
 def gather_lora_state(peft_model) -> dict:

@@ -80,10 +80,18 @@ def validate_model_dir(model_dir: str | os.PathLike) -> dict:
         missing.append("*.safetensors (model weights)")
     if missing:
         raise UserError(f"--model {d}: incomplete model directory, missing: {', '.join(missing)}")
+    return read_model_config(d)
+
+
+def read_model_config(model_dir: str | os.PathLike) -> dict:
+    """A model directory's config.json as a dict: all that --estimate-memory needs (no weights, no tokenizer)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model {model_dir}: no config.json there")
     try:
-        return json.loads((d / "config.json").read_text())
+        return json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f"--model {d}: config.json is not valid JSON ({e})") from e
+        raise UserError(f"--model {model_dir}: config.json is not valid JSON ({e})") from e
 
 
 def resolve_attn_implementation(attn_implementation: str, device) -> str:
