@@ -14,7 +14,8 @@ under PYTHONFAULTHANDLER=1 (a Python traceback of every thread on SIGSEGV) and T
 
   linear         3 nn.Linear (fp32), fully_shard each + the root, torch AdamW      FSDP2's backward over gloo on CUDA
   linear_mp      the same under our MixedPrecisionPolicy (bf16 params, fp32 reduce) casts, fp32 reduce-scatter
-  linear_staged  linear_mp with FSDP's collectives on CPU copies (tests/fsdp_driver.py --stage-through-cpu)
+  linear_staged  linear_mp with every collective on CPU copies: FSDP's and the clipping's norm
+                 (tests/fsdp_driver.py --stage-through-cpu, the harness fallback)
   frozen_8bit    units of a frozen bf16 weight + a trainable fp32 LoRA pair; bitsandbytes' paged 8-bit AdamW on
                  each rank's shards (qlora.fsdp.shard_optimizer)                     our optimizer path
   head_old       a final norm + a head in one unit, the head used by its weight only (the arrangement that warned)
@@ -173,7 +174,12 @@ def run_stage(stage: str, work: Path, device_type: str) -> None:
         loss.backward()
         sync()
         mark(f"step {i}: backward")
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if stage.endswith("_staged"):
+            from fsdp_driver import clip_staged_through_cpu
+
+            norm = torch.tensor(clip_staged_through_cpu(params, 1.0))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         sync()
         mark(f"step {i}: clip_grad_norm_ ({float(norm):.4f})")
         optimizer.step()

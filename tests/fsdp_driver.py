@@ -11,9 +11,10 @@ tokens/s) and OUT/adapter (the gathered LoRA as a PEFT adapter); --save-at STEP 
 OUT/checkpoints, --resume CKPT continues from one.
 
 --device cuda --same-gpu puts every rank on cuda:0 (gloo carries the collectives: NCCL refuses two ranks on one GPU),
-the GPU equality check of bench/device_run.sh's fsdp phase. --stage-through-cpu hands FSDP's all-gathers and
-reduce-scatters to gloo as CPU tensors (copied over and back) instead of CUDA ones: the fallback of that check, should
-gloo's CUDA path fail under FSDP (bench/fsdp_diag.py finds out); a test-harness device only, never the product's.
+the GPU equality check of bench/device_run.sh's fsdp phase. --stage-through-cpu runs every collective of the step on
+CPU copies (gloo's CPU path instead of its CUDA one): FSDP's all-gathers and reduce-scatters, the gradient norm of
+the clipping and the final gather of the adapter. It is the fallback of that check, should gloo's CUDA path fail
+under FSDP (bench/fsdp_diag.py finds out); a test-harness device only, never the product's.
 """
 from __future__ import annotations
 
@@ -68,6 +69,31 @@ def stage_through_cpu(root: torch.nn.Module) -> int:
         m.set_custom_all_gather(all_gather)
         m.set_custom_reduce_scatter(reduce_scatter)
     return len(units)
+
+
+def clip_staged_through_cpu(params, max_norm: float) -> float:
+    """clip_grad_norm_ over DTensor gradients with the squared norms summed across ranks on a CPU tensor."""
+    import torch.distributed as dist
+
+    local = [p.grad.to_local() for p in params if p.grad is not None]
+    squares = torch.stack([g.float().square().sum() for g in local]).sum().cpu()
+    dist.all_reduce(squares)
+    total = float(squares.sqrt())
+    torch._foreach_mul_(local, min(1.0, max_norm / (total + 1e-6)))
+    return total
+
+
+def lora_staged_through_cpu(peft_model) -> dict:
+    """The whole LoRA weights on every rank, each gathered as CPU copies of the dim-0 shards in rank order."""
+    import torch.distributed as dist
+
+    state = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, p.to_local().detach().cpu())
+            state[name] = torch.cat(parts)
+    return state
 
 
 def main() -> None:
@@ -178,7 +204,10 @@ def main() -> None:
             loss_sum, _ = step_fn(**{k: torch.from_numpy(v).to(device) for k, v in mb.items()})
             (loss_sum * scale).backward()
             local_loss += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if args.stage_through_cpu:
+            clip_staged_through_cpu(trainable, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +233,12 @@ def main() -> None:
                                 trainer_state=trainer_state, rng_states=rng, keep=2)
 
     if sharded:
-        fsdp.save_adapter(model, out / "adapter", is_main=rank == 0)
+        if args.stage_through_cpu:
+            lora = lora_staged_through_cpu(model)
+            if rank == 0:
+                model.save_pretrained(str(out / "adapter"), state_dict=lora)
+        else:
+            fsdp.save_adapter(model, out / "adapter", is_main=rank == 0)
     else:
         model.save_pretrained(str(out / "adapter"))
     mem = {}
