@@ -25,8 +25,9 @@ What is taken from the libraries and what is not:
     bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
   * The lm_head is used by its weight (the loss multiplies the last hidden states by it chunk by chunk, or in
     Liger's fused kernel), never called, so FSDP's forward hooks would never gather it, and a unit that holds it
-    with a module that does run (the final norm) never completes its forward: torch warns that it "did not run
-    forward before backward" and skips that unit's post-forward and pre-backward logic. Its own unit is therefore
+    with a module that does run (the final norm) never completes its forward: torch 2.11 skips that unit's
+    post-forward and pre-backward logic and warns at the end of the backward that it "did not run forward before
+    backward" (2.13 completes such units at the root's post-forward instead). Its own unit is therefore
     gathered explicitly (FSDPModule.unshard) when the final norm has run and released (reshard) when the training
     step's forward ends: both loss paths compute the hidden states' gradient in the forward for the frozen head,
     so the backward never reads it. Tied embeddings (one weight at both ends) stay in the root unit instead.
@@ -42,7 +43,8 @@ What is taken from the libraries and what is not:
     DTensor"; bitsandbytes issue #1633, axolotl refuses the combination): `shard_optimizer` gives the optimizer each
     rank's local shards and hands it their gradients at every step. Element-wise state (32-bit Adam, and 8-bit
     Adam's 256-element blocks wherever a shard starts on a block boundary, as every Llama-3 LoRA shard does for
-    N in 1, 2, 4, 8) gives the same update as on the whole tensor.
+    N in 1, 2, 4, 8) gives the same update as on the whole tensor, provided each shard gets the state precision
+    its whole tensor would (bitsandbytes decides 8 or 32 bits by the size of the tensor it is handed).
 
 Gradient accumulation: gradients are reduce-scattered after every micro-batch (FSDP's default), so each rank
 accumulates only its fp32 shard instead of the whole unsharded gradient (no `no_sync` as under DDP).
@@ -131,12 +133,6 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
         train_step.register_forward_hook(lambda *_: head.reshard())      # the loss is done
     fully_shard(train_step, **kw)
     return train_step
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def shard_optimizer(params, build) -> torch.optim.Optimizer:
