@@ -142,10 +142,10 @@ case "$PHASE" in
     python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 400
     ;;
   fsdp_diag)
-    # issue 12 (<= ~3 min): where 2 FSDP ranks on cuda:0 (gloo) crash, stage by stage from plain nn.Linear to the fast
+    # issue 12 (<= ~2.5 min): where 2 FSDP ranks on cuda:0 (gloo) crash, stage by stage from plain nn.Linear to the fast
     # path, under PYTHONFAULTHANDLER=1 and TORCH_DISTRIBUTED_DEBUG=DETAIL. Table last; OUT/fsdp_diag.json,
     # OUT/fsdp_diag.log. Run before the fsdp phase in the same call: fsdp_diag; fsdp
-    python3 bench/fsdp_diag.py --out "$OUT" --budget-s 170
+    python3 bench/fsdp_diag.py --out "$OUT" --budget-s 150
     ;;
   predict)
     # issue 9: predict.py today vs continuous batching on the 8B shape (bench/bench_predict.py writes predict.json

@@ -184,6 +184,7 @@ def main() -> None:
     report["fsdp_collectives_staged_through_cpu"] = bool(staged)
     if driver_result(eq1) and driver_result(eq2):
         report["equality"] = compare_runs(driver_result(eq1), driver_result(eq2), eq1, eq2)
+    (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")  # so far, should the call run out of time
 
     # 3. 70B width, few blocks
     big = work / f"llama3-70b-width-{args.layers}"
