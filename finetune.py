@@ -2,7 +2,8 @@
 """QLoRA fine-tuning of a local Llama-3 base on pretokenize.py's packed parquet shards.
 
     python finetune.py --model Meta-Llama-3-8B --data tok --output-dir runs/r1 --epochs 1
-    torchrun --nproc_per_node=4 finetune.py --model ... (DDP: one process per GPU, same flags)
+    torchrun --nproc_per_node=4 finetune.py --model ... (one process per GPU, same flags: DDP, or FSDP when the
+        model does not fit one GPU, e.g. Llama-3-70B on 4 x 40 GB)
     python finetune.py --config recipe.yaml --max-steps 2000     (command line overrides the YAML file)
     python finetune.py --estimate-memory --seq-len 16384 --nproc 4 --gpu-memory-gib 40
         (peak GPU memory plan, nothing loaded; exit status 0 if it fits, 1 and the settings to change if not)
@@ -23,6 +24,10 @@ Recipe (defaults) and what each choice costs:
     bench/RESULTS.md); --low-memory recomputes every block (~10 GiB).
   * packed rows keep documents apart: position ids restart at every document, attention_mask=None, so
     transformers builds a per-document causal mask; no loss on padding, masked prompts or across documents.
+  * several processes: DDP (a whole model per GPU, no weight traffic: faster) when the estimate fits one GPU with every
+    block recomputed, else FSDP2 (--parallelism; qlora/fsdp.py): each of N processes holds 1/N of the 4-bit weights,
+    embeddings, LoRA, gradients and 8-bit optimizer state and gathers one block at a time. Checkpoints then hold each
+    rank's shards (resumed by the same number of processes); the final adapter is the same PEFT adapter.
   * loss = sum of token cross-entropies / label tokens of the whole global batch (all micro-batches, all ranks):
     N processes give the same update as one process with the same global batch. The [tokens x 128256] logits
     never exist whole: Liger's fused linear-cross-entropy on the GPU fast path (-10 GiB at seq 8192), chunks of
@@ -73,17 +78,19 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from qlora.atomic import atomic_dir, write_json_atomic
-from qlora.checkpoint import (capture_rng, check_fingerprint, check_seed, checkpoint_damage, load_checkpoint,
-                              mark_resumed, newest_intact_checkpoint, read_trainer_state, run_fingerprint,
-                              save_checkpoint)
+from qlora.checkpoint import (capture_rng, check_fingerprint, check_resume_parallelism, check_seed, checkpoint_damage,
+                              load_checkpoint, load_sharded_checkpoint, mark_resumed, newest_intact_checkpoint,
+                              read_trainer_state, run_fingerprint, save_checkpoint, save_sharded_checkpoint)
 from qlora.config import RESUMABLE_KEYS, TrainConfig, as_dict, resolve_config
 from qlora.data import PackedShards, StreamOrder, check_data, read_metadata, step_micro_batches
 from qlora.distributed import Dist, lora_digest
 from qlora.errors import UserError, run_main
+from qlora.fsdp import gather_lora_state, offload_embeddings, shard, shard_optimizer
 from qlora.llama3 import load_tokenizer
 from qlora.loss import count_label_tokens
 from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, check_vocab_size, count_parameters, dtype_name,
-                         load_base_model, resolve_attn_implementation, resolve_compute_dtype, validate_model_dir)
+                         load_base_model, read_model_config, resolve_attn_implementation, resolve_compute_dtype,
+                         validate_model_dir)
 from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
 from qlora.rundir import RunDir, check_run_dir, git_commit, library_versions, list_checkpoints
 from qlora.training import apply_settings, evaluate, lr_lambda, make_optimizer, to_device
@@ -130,7 +137,9 @@ class TrainingRun:
     tokenizer: object
     model: torch.nn.Module               # peft model: LoRA on the (4-bit) base
     trainable: list                      # the LoRA weights: what the optimizer updates and checkpoints compare
-    loss_module: torch.nn.Module         # TrainStep(model): (loss sum, label tokens), in DDP with several ranks
+    train_step: torch.nn.Module          # TrainStep(model): (loss sum, label tokens); sharded in place under FSDP
+    loss_module: torch.nn.Module         # what the loop calls: train_step (in DDP when several DDP ranks)
+    sharded: bool                        # FSDP (qlora/fsdp.py): every rank holds 1/N of the model
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     order: StreamOrder                   # the seeded row order; the data position is rows_consumed
@@ -173,6 +182,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * max_steps)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, dist.device)
     attn, plan = _plan(cfg, dist, model_config, max_len)
+    sharded = plan.parallelism == "fsdp"
     fp, fp_parts = run_fingerprint(cfg, model_config, meta, len(train_rows))
     settings = {**{k: getattr(cfg, k) for k in RESUMABLE_KEYS}, "warmup_steps": warmup, "max_steps": max_steps}
 
@@ -182,18 +192,19 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
     if resume_path is not None:
         check_fingerprint(resume_path, fp, fp_parts)
         check_seed(resume_path, cfg.seed)
+        check_resume_parallelism(resume_path, plan.parallelism, dist.world)
         if _already_finished(dist, run_dir, resume_path, max_steps):
             return None
         saved = read_trainer_state(resume_path).get("settings", {})
         changed = {k: [saved[k], v] for k, v in settings.items() if k in saved and saved[k] != v}
 
-    model = _setup_model(cfg, dist, compute_dtype, attn, plan)
+    model, train_step, (n_trainable, n_base) = _setup_model(cfg, dist, compute_dtype, attn, plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = _setup_optimizer(cfg, trainable, warmup, max_steps)
-    start_step, rows_consumed, tokens_seen = _restore(cfg, dist, resume_path, model, optimizer, scheduler)
+    optimizer, scheduler = _setup_optimizer(cfg, trainable, warmup, max_steps, sharded)
+    start_step, rows_consumed, tokens_seen = _restore(cfg, dist, resume_path, model, optimizer, scheduler, sharded)
 
-    n_trainable, n_base = count_parameters(model)
     resolved = {"max_steps": max_steps, "warmup_steps": warmup, "world_size": dist.world, "device": str(dist.device),
+                "parallelism": plan.parallelism,
                 "compute_dtype": dtype_name(compute_dtype), "attn_implementation": attn, "kernels": plan.kernels,
                 "checkpoint_layers": plan.checkpoint_layers, "gpu_memory_gib": plan.gpu_gib,
                 "max_len": max_len, "rows_per_step": rows_per_step,
@@ -212,11 +223,12 @@ def setup(cfg: TrainConfig, dist: Dist) -> TrainingRun | None:
             "command": sys.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, allow_nan=False)
         run_dir.truncate_metrics(start_step)
 
-    loss_module = _wrap_for_ddp(TrainStep(model, loss_chunk_size=cfg.loss_chunk_size), dist)
+    loss_module = train_step if sharded else _wrap_for_ddp(train_step, dist)
     writer, pbar = _setup_loggers(dist, run_dir, start_step, max_steps)
     run_dir.set_status(state="running", step=start_step, max_steps=max_steps, world_size=dist.world, pid=os.getpid())
     return TrainingRun(cfg=cfg, dist=dist, run_dir=run_dir, tokenizer=tokenizer, model=model, trainable=trainable,
-                       loss_module=loss_module, optimizer=optimizer, scheduler=scheduler,
+                       train_step=train_step, loss_module=loss_module, sharded=sharded, optimizer=optimizer,
+                       scheduler=scheduler,
                        order=StreamOrder(train_rows, seed=cfg.seed), validation=val_rows, writer=writer, pbar=pbar,
                        stop_signal=_stop_signal, fingerprint=fp, fingerprint_parts=fp_parts,
                        resume_path=resume_path, settings=settings, max_steps=max_steps,
@@ -233,7 +245,8 @@ def _setup_data(cfg: TrainConfig, model_config: dict, tokenizer):
 
 
 def _plan(cfg: TrainConfig, dist: Dist, model_config: dict, max_len: int) -> tuple[str, MemoryPlan]:
-    """Attention kernel, fast-path kernels and recomputed blocks; refuse before loading what cannot fit."""
+    """Attention kernel, fast-path kernels, DDP or FSDP and recomputed blocks; refuse before loading what cannot
+    fit."""
     attn = resolve_attn_implementation(cfg.attn_implementation, dist.device)
     if attn == "flex_attention" and dist.device.type != "cuda":
         raise UserError("--attn-implementation flex_attention: PyTorch has no flex-attention backward on the CPU; "
@@ -242,6 +255,9 @@ def _plan(cfg: TrainConfig, dist: Dist, model_config: dict, max_len: int) -> tup
     plan = plan_memory(cfg, model_config=model_config, max_len=max_len, world_size=dist.world,
                        device_type=dist.device.type,
                        gpu_total_bytes=torch.cuda.get_device_properties(dist.device).total_memory if on_gpu else None)
+    if plan.parallelism == "fsdp" and dist.world == 1:
+        raise UserError("--parallelism fsdp shards the model over the processes torchrun starts (torchrun "
+                        "--nproc_per_node N finetune.py ...); one process holds it whole: use --parallelism ddp or auto")
     if on_gpu:
         check_fits(plan)
     return attn, plan
@@ -309,35 +325,55 @@ def _already_finished(dist: Dist, run_dir: RunDir, resume_path: Path, max_steps:
 
 
 def _setup_model(cfg: TrainConfig, dist: Dist, compute_dtype: torch.dtype, attn: str, plan: MemoryPlan):
+    """The peft model, its TrainStep (sharded in place under FSDP) and the (trainable, base) parameter counts, taken
+    before sharding hides the 4-bit weights' shapes."""
     if cfg.quantize == "nf4" or cfg.optimizer != "adamw_torch":
         check_bitsandbytes(dist.device)
+    sharded = plan.parallelism == "fsdp"
     torch.manual_seed(cfg.seed)
+    # FSDP gathers every weight in the compute dtype: the packed 4-bit bytes are stored in it, so no cast touches them
     base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=dist.device,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, quant_storage=compute_dtype if sharded else torch.uint8)
+    if sharded:
+        offload_embeddings(base)
     model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        target_modules=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing,
                        seed=cfg.seed, checkpoint_layers=plan.checkpoint_layers, kernels=plan.kernels)
     model.train()
-    return model
+    counts = count_parameters(model)
+    train_step = TrainStep(model, loss_chunk_size=cfg.loss_chunk_size)
+    if sharded:
+        shard(train_step, dist.device)
+        if dist.device.type == "cuda":  # the peaks logged every step are training's, not loading's (whole model)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dist.device)
+    return model, train_step, counts
 
 
-def _setup_optimizer(cfg: TrainConfig, trainable: list, warmup: int, max_steps: int):
-    optimizer = make_optimizer(trainable, cfg)
+def _setup_optimizer(cfg: TrainConfig, trainable: list, warmup: int, max_steps: int, sharded: bool):
+    # bitsandbytes' optimizers take plain tensors: under FSDP each rank's own shards (qlora/fsdp.py)
+    optimizer = (shard_optimizer(trainable, lambda shards: make_optimizer(shards, cfg)) if sharded
+                 else make_optimizer(trainable, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, max_steps, cfg.min_lr_ratio))
     return optimizer, scheduler
 
 
-def _restore(cfg: TrainConfig, dist: Dist, resume_path: Path | None, model, optimizer, scheduler):
+def _restore(cfg: TrainConfig, dist: Dist, resume_path: Path | None, model, optimizer, scheduler, sharded: bool):
     """(step, rows consumed, tokens seen) to start from: the checkpoint's, with its weights, optimizer state,
     scheduler and this rank's RNG restored, and this run's settings applied from there on; zeros for a fresh
     start."""
     if resume_path is None:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout masks differ per rank; LoRA init above is shared
         return 0, 0, 0
-    state = load_checkpoint(resume_path, peft_model=model, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
+    if sharded:  # every rank reads its own shards
+        state = load_sharded_checkpoint(resume_path, peft_model=model, optimizer=optimizer, scheduler=scheduler,
+                                        rank=dist.rank, world_size=dist.world)
+    else:
+        state = load_checkpoint(resume_path, peft_model=model, optimizer=optimizer, scheduler=scheduler,
+                                rank=dist.rank)
+        if state.get("world_size", dist.world) != dist.world:
+            torch.manual_seed(cfg.seed + 1000 * state["step"] + dist.rank)  # no saved RNG stream for this layout
     apply_settings(optimizer, scheduler, cfg)
-    if state.get("world_size", dist.world) != dist.world:
-        torch.manual_seed(cfg.seed + 1000 * state["step"] + dist.rank)  # no saved RNG stream for this rank layout
     return state["step"], state["rows_consumed"], state["tokens_seen"]
 
 
@@ -404,7 +440,8 @@ def train_step(run: TrainingRun) -> tuple[dict, bool]:
     scale = dist.world / max(global_labels, 1.0)
     local_loss = 0.0
     for i, mb in enumerate(micro_batches):
-        sync = dist.world == 1 or i == len(micro_batches) - 1
+        # FSDP reduce-scatters after every micro-batch (each rank then accumulates only its shard): no no_sync
+        sync = run.sharded or dist.world == 1 or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else run.loss_module.no_sync()):
             loss_sum, _ = run.loss_module(**to_device(mb, dist.device))
             (loss_sum * scale).backward()
@@ -484,7 +521,7 @@ def evaluation_due(run: TrainingRun) -> bool:
 
 
 def validate(run: TrainingRun) -> None:
-    val_loss, val_tokens = evaluate(run.model, run.validation, run.cfg, run.dist)
+    val_loss, val_tokens = evaluate(run.train_step, run.validation, run.cfg, run.dist, sharded=run.sharded)
     if not math.isfinite(val_loss):  # all-reduced: every rank stops alike
         raise diverged(run, f"step {run.step}: validation loss {val_loss} over {val_tokens} label tokens")
     if run.dist.is_main:
@@ -495,23 +532,30 @@ def validate(run: TrainingRun) -> None:
 
 
 def save(run: TrainingRun) -> None:
-    """A checkpoint of this step (every rank's RNG; rank 0 writes), after checking the replicas are identical and
-    finite."""
+    """A checkpoint of this step (every rank's RNG), its weights checked finite first. DDP: rank 0 writes it, after
+    checking the replicas are identical. FSDP: every rank writes its own shards (qlora/checkpoint.py), no weights
+    gathered."""
     check_weights_finite(run)
-    gathered = run.dist.gather((capture_rng(), lora_digest(run.trainable)))
+    gathered = run.dist.gather((capture_rng(), None if run.sharded else lora_digest(run.trainable)))
     rng_states, digests = [g[0] for g in gathered], [g[1] for g in gathered]
-    if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
-        raise RuntimeError(f"LoRA weights differ across ranks at step {run.step}: {digests}")
+    trainer_state = {"rows_consumed": run.rows_consumed, "tokens_seen": run.tokens_seen, "epoch": run.epoch,
+                     "loss": run.loss, "seed": run.cfg.seed, "world_size": run.dist.world,
+                     "fingerprint": run.fingerprint, "fingerprint_parts": run.fingerprint_parts,
+                     "settings": run.settings}
+    path = None
+    if run.sharded:
+        path = save_sharded_checkpoint(run.run_dir.path, run.step, peft_model=run.model, optimizer=run.optimizer,
+                                       scheduler=run.scheduler, trainer_state=trainer_state, rng_states=rng_states,
+                                       keep=run.cfg.keep_checkpoints, rank=run.dist.rank, protect=run.resume_path)
+    else:
+        if len(set(digests)) != 1:  # DDP keeps replicas bit-identical; anything else is a bug worth stopping for
+            raise RuntimeError(f"LoRA weights differ across ranks at step {run.step}: {digests}")
+        if run.dist.is_main:
+            path = save_checkpoint(run.run_dir.path, run.step, peft_model=run.model, optimizer=run.optimizer,
+                                   scheduler=run.scheduler,
+                                   trainer_state=dict(trainer_state, lora_sha256_per_rank=digests),
+                                   rng_states=rng_states, keep=run.cfg.keep_checkpoints, protect=run.resume_path)
     if run.dist.is_main:
-        path = save_checkpoint(run.run_dir.path, run.step, peft_model=run.model, optimizer=run.optimizer,
-                               scheduler=run.scheduler,
-                               trainer_state={"rows_consumed": run.rows_consumed, "tokens_seen": run.tokens_seen,
-                                              "epoch": run.epoch, "loss": run.loss, "seed": run.cfg.seed,
-                                              "world_size": run.dist.world, "lora_sha256_per_rank": digests,
-                                              "fingerprint": run.fingerprint,
-                                              "fingerprint_parts": run.fingerprint_parts,
-                                              "settings": run.settings},
-                               rng_states=rng_states, keep=run.cfg.keep_checkpoints, protect=run.resume_path)
         run.run_dir.set_status(checkpoint=str(path))
     run.dist.barrier()
 
@@ -525,9 +569,10 @@ def finish(run: TrainingRun, stopped: bool) -> int:
             run.run_dir.set_status(state="stopped", step=run.step)
         return 0
     check_weights_finite(run)
+    lora = gather_lora_state(run.model) if run.sharded else None  # FSDP: a collective, every rank gathers
     if run.dist.is_main:
         with atomic_dir(run.run_dir.adapter_path) as tmp:
-            run.model.save_pretrained(tmp)
+            run.model.save_pretrained(tmp, state_dict=lora)  # a normal PEFT adapter either way
             run.tokenizer.save_pretrained(tmp)
         print(f"finetune.py: finished {run.step} steps; adapter in {run.run_dir.adapter_path}")
         run.run_dir.set_status(state="finished", step=run.step)
@@ -548,9 +593,13 @@ def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path
     for k, v in as_dict(cfg).items():
         lines.append(f"  {k:24s} {','.join(v) if isinstance(v, list) else v}")
     r = resolved
+    sharing = ""
+    if r["world_size"] > 1:
+        sharing = (f", FSDP: each holds 1/{r['world_size']} of the model" if r["parallelism"] == "fsdp"
+                   else ", DDP: a whole model each")
     lines += [
         f"  {'processes':24s} {r['world_size']} on {r['device']} (compute: {r['compute_dtype']}, attention: "
-        f"{r['attn_implementation']})",
+        f"{r['attn_implementation']}){sharing}",
         f"  {'trainable params':24s} {r['trainable_params']:,} ({r['trainable_percent']:.2f}% of "
         f"{r['base_params']:,} base parameters)",
         f"  {'tokens per step':24s} {r['tokens_per_step']:,} ({r['rows_per_step']} rows of {r['max_len']} = "
@@ -571,7 +620,7 @@ def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path
 
 def estimate_memory_only(cfg: TrainConfig) -> int:
     """--estimate-memory: print the table; 0 if it fits, 1 with the knobs to turn if not (training would refuse)."""
-    model_config = validate_model_dir(cfg.model) if cfg.model else None
+    model_config = read_model_config(cfg.model) if cfg.model else None  # its config.json is all the plan needs
     data_len = int(read_metadata(cfg.data)["max_len"]) if cfg.data else None
     seq_len = cfg.seq_len or data_len or 8192
     if cfg.seq_len and data_len and cfg.seq_len != data_len:
@@ -580,6 +629,10 @@ def estimate_memory_only(cfg: TrainConfig) -> int:
     # as training plans: this machine's GPU when it has one (--gpu-memory-gib wins), else 40 GiB
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     plan = plan_memory(cfg, model_config=model_config, max_len=seq_len, world_size=world, gpu_total_bytes=gpu_bytes)
+    if cfg.parallelism == "auto" and world > 1:
+        print(f"finetune.py: --parallelism auto chose {plan.parallelism.upper()} for {world} processes ("
+              + ("one process per GPU fits with every block recomputed" if plan.parallelism == "ddp" else
+                 "one process per GPU does not fit even with every block recomputed") + ")")
     print(plan.estimate.table(plan.gpu_gib), flush=True)
     advice = fit_advice(plan, table_shown=True)
     if advice:

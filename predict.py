@@ -464,7 +464,8 @@ def main(argv=None) -> int:
     model = load_base_model(model_dir, quantize=quantize, attn_implementation="sdpa", device=device,
                             compute_dtype=compute_dtype)
     if continuous:
-        max_len = decoding.slot_length([len(x) for x in encode_prompts(tokenizer, records)], args.max_new_tokens)
+        prompt_lengths = [len(x) for x in encode_prompts(tokenizer, records)]
+        max_len = decoding.slot_length(prompt_lengths, args.max_new_tokens)
         plan = decoding.plan_decoding(model, device=torch.device(device), sequences=sequences, max_len=max_len,
                                       num_samples=args.num_samples, batch_size=args.batch_size,
                                       gpu_memory_gib=args.gpu_memory_gib)
@@ -493,7 +494,8 @@ def main(argv=None) -> int:
     decoder = None
     if continuous:
         decoder = decoding.make_decoder(model, plan, device=torch.device(device), sequences=sequences,
-                                        max_len=max_len, max_new_tokens=args.max_new_tokens)
+                                        max_len=max_len, max_new_tokens=args.max_new_tokens,
+                                        prompt_lengths=prompt_lengths)
         settings.update(batch_size=decoder.slots, cuda_graph=decoder.graph is not None)
     else:
         settings.update(batch_size=sampling.batch_size * args.num_samples)

@@ -39,7 +39,8 @@ import predict  # noqa: E402
 from qlora import decoding  # noqa: E402
 from qlora.generation import SamplingConfig, encode_prompts, generate, read_prompts_jsonl  # noqa: E402
 from qlora.llama3 import EOT_ID, load_tokenizer  # noqa: E402
-from qlora.memory import CUDA_CONTEXT_BYTES, LORA_TARGETS, GiB, projection_shapes  # noqa: E402
+from qlora.llama3 import LORA_TARGETS  # noqa: E402
+from qlora.memory import CUDA_CONTEXT_BYTES, GiB, projection_shapes  # noqa: E402
 from qlora.model import load_base_model  # noqa: E402
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has had "
@@ -140,12 +141,13 @@ def run_continuous(model, tokenizer, records, cfg: SamplingConfig, *, batch_size
     device = torch.device("cuda", torch.cuda.current_device()) if DEVICE.type == "cuda" else DEVICE
     free_cuda()
     sequences = len(records) * cfg.num_samples
-    max_len = decoding.slot_length([len(x) for x in encode_prompts(tokenizer, records)], cfg.max_new_tokens)
+    prompt_lengths = [len(x) for x in encode_prompts(tokenizer, records)]
+    max_len = decoding.slot_length(prompt_lengths, cfg.max_new_tokens)
     start = synced()
     plan = decoding.plan_decoding(model, device=device, sequences=sequences, max_len=max_len,
                                   num_samples=cfg.num_samples, batch_size=batch_size, gpu_memory_gib=gpu_memory_gib)
     decoder = decoding.make_decoder(model, plan, device=device, sequences=sequences, max_len=max_len,
-                                    max_new_tokens=cfg.max_new_tokens)
+                                    max_new_tokens=cfg.max_new_tokens, prompt_lengths=prompt_lengths)
     startup = synced() - start
     start = time.perf_counter()
     samples = list(decoding.generate_continuous(decoder, tokenizer, records, cfg))
@@ -211,6 +213,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-hf-cb", action="store_true", help="leave out transformers' generate_batch row")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end predict.py rows")
     args = ap.parse_args()
     DEVICE = torch.device(args.device)
     bench = Bench(args.out)
@@ -235,6 +238,10 @@ def main() -> None:
         *common, "--adapter", "none", "--prompt", first, "--format", "plain"], work / "s2.json"))
     bench.guarded("e2e one --prompt, --decode plain", lambda: e2e(bench, "e2e one --prompt, --decode plain", [
         *common, "--adapter", "none", "--prompt", first, "--format", "plain", "--decode", "plain"], work / "s3.json"))
+
+    if args.e2e_only:
+        print_table(bench.rows)
+        return
 
     # ---- today's path: generate() on the 4-bit model
     start = synced()

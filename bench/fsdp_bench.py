@@ -1,12 +1,15 @@
 """Issue 12 on one GPU: QLoRA under FSDP2 (qlora/fsdp.py) checked and measured, against qlora/memory.py's estimate.
 
-    python bench/fsdp_bench.py --out OUT [--layers 4] [--budget-s 520]      (bash bench/device_run.sh fsdp)
+    python bench/fsdp_bench.py --out OUT [--layers 4] [--budget-s 400]      (bash bench/device_run.sh fsdp)
 
 1. probe: do gloo's all-gather and reduce-scatter (average) work on CUDA tensors? FSDP over 2 processes on one GPU
    needs them (NCCL refuses two ranks on one device).
 2. equality on the fast path: a small Llama-3-shaped model (hidden 512, 4 untied blocks, rows of 512 tokens) with
    Liger's kernels, the fused SwiGLU+down, bf16 LoRA addmm, flex attention, the fused linear-CE and 2 of 4 blocks
    recomputed: one process with grad-accum 2 against 2 FSDP ranks on cuda:0 (gloo), 4 steps (tests/fsdp_driver.py).
+   Should the 2 ranks fail (the first H200 call's SIGSEGV; bench/fsdp_diag.py bisects it), they run once more with
+   FSDP's collectives staged through CPU tensors (fsdp_driver.py --stage-through-cpu, a harness device only), and the
+   70B-wide FSDP run below does the same; the table says so.
 3. Llama-3-70B's width with --layers of its 80 blocks (bench/build_8b_checkpoint.py --shape 70b; a whole random
    70B does not fit the machine's disk), seq 8192, LoRA r=64 on the 7 projections, paged 8-bit AdamW, fast path,
    no recompute: one process (tokens/s, MFU, peak memory) and FSDP over 2 processes on cuda:0 (peak memory per
@@ -58,7 +61,8 @@ class Runner:
 
     def __init__(self, log: Path, budget_s: float):
         self.log, self.start, self.deadline = log, time.time(), time.time() + budget_s
-        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "4"}
+        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "4",
+                    "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's Python stack
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -132,7 +136,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/fsdp-bench")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
-    ap.add_argument("--budget-s", type=float, default=480, help="stop starting runs after this long")
+    ap.add_argument("--budget-s", type=float, default=400, help="stop starting runs after this long")
     args = ap.parse_args()
     import torch
 
@@ -168,10 +172,19 @@ def main() -> None:
     eq1, eq2 = work / "eq_one", work / "eq_fsdp"
     runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2],
                120)
+    staged = []  # becomes ["--stage-through-cpu"] if gloo's CUDA path fails under FSDP and the staged one does not
     if report["gloo_cuda_ok"]:
-        runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu"], 150)
+        rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2,
+                                                                 "--same-gpu"], 150)
+        if rc != 0:
+            eq2 = work / "eq_fsdp_staged"
+            rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0, collectives staged through CPU",
+                               [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu"], 150)
+            staged = ["--stage-through-cpu"] if rc == 0 else []
+    report["fsdp_collectives_staged_through_cpu"] = bool(staged)
     if driver_result(eq1) and driver_result(eq2):
         report["equality"] = compare_runs(driver_result(eq1), driver_result(eq2), eq1, eq2)
+    (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")  # so far, should the call run out of time
 
     # 3. 70B width, few blocks
     big = work / f"llama3-70b-width-{args.layers}"
@@ -193,7 +206,7 @@ def main() -> None:
         if report["gloo_cuda_ok"]:
             two = work / "big_fsdp"
             runner.run("70B-wide: FSDP, 2 processes on cuda:0", [*torchrun(2), DRIVER, *flags, "--steps", 3,
-                                                                  "--out", two, "--same-gpu"], 240)
+                                                                  "--out", two, "--same-gpu", *staged], 240)
         flops_tok = model_flops_per_token(cfg, rows8k, 64)
         for name, run_dir, world, parallelism in (("1 process", one, 1, "ddp"),
                                                    ("FSDP 2 processes", work / "big_fsdp", 2, "fsdp")):
@@ -222,7 +235,8 @@ def main() -> None:
 
     # the table, last
     print(f"\nFSDP bench on {gpu} (torch {torch.__version__}); gloo on CUDA: "
-          f"{'ok' if report['gloo_cuda_ok'] else 'FAILED ' + str(report.get('gloo_cuda_error'))}")
+          f"{'ok' if report['gloo_cuda_ok'] else 'FAILED ' + str(report.get('gloo_cuda_error'))}"
+          + ("; FSDP's collectives STAGED THROUGH CPU (the plain 2-rank run failed)" if staged else ""))
     eq = report.get("equality")
     if eq:
         print(f"fast path, 2 FSDP ranks vs 1 process (4 steps): max relative loss difference "

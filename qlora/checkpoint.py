@@ -294,12 +294,18 @@ def checkpoint_parallelism(path) -> str:
     return read_trainer_state(path).get("parallelism", "ddp")
 
 
-def check_resume_parallelism(path, parallelism: str) -> None:
-    """One-line refusal to resume a checkpoint written under the other parallelism (its files differ)."""
+def check_resume_parallelism(path, parallelism: str, world_size: int | None = None) -> None:
+    """One-line refusal to resume a checkpoint written under the other parallelism (its files differ), or an FSDP one
+    written by another number of processes (each one's optimizer state is its own shard)."""
     written = checkpoint_parallelism(path)
     if written != parallelism:
         raise UserError(f"checkpoint {path} was written under {written.upper()}, this run uses "
                         f"{parallelism.upper()}: resume it with --parallelism {written}, or use a new --output-dir")
+    state = read_trainer_state(path)
+    if parallelism == "fsdp" and world_size is not None and state["world_size"] != world_size:
+        raise UserError(f"checkpoint {path} was written by {state['world_size']} FSDP processes, this run has "
+                        f"{world_size}: resume with torchrun --nproc_per_node {state['world_size']} (each process's "
+                        f"optimizer state is its own shard)")
 
 
 def save_sharded_checkpoint(run_dir, step: int, *, peft_model, optimizer, scheduler, trainer_state: dict,
@@ -347,12 +353,8 @@ def load_sharded_checkpoint(path, *, peft_model, optimizer, scheduler, rank: int
                                                          set_model_state_dict)
 
     path = Path(path)
-    check_resume_parallelism(path, "fsdp")
+    check_resume_parallelism(path, "fsdp", world_size)
     state = read_trainer_state(path)
-    if state["world_size"] != world_size:
-        raise UserError(f"checkpoint {path} was written by {state['world_size']} FSDP processes, this run has "
-                        f"{world_size}: resume with torchrun --nproc_per_node {state['world_size']} (each process's "
-                        f"optimizer state is its own shard)")
     lora = get_model_state_dict(peft_model, options=StateDictOptions(ignore_frozen_params=True))
     dcp.load(lora, checkpoint_id=str(path / "lora"))  # refuses a checkpoint that lacks any of these LoRA weights
     # strict=False: the frozen base is not part of the checkpoint (and not of `lora`)

@@ -94,6 +94,12 @@ class TrainConfig:
     gpu_memory_gib: float | None = _opt(None, "GPU memory to plan for (default: this GPU's size; 40 = A100-40GB "
                                               "for --estimate-memory without a GPU); refused before loading if the "
                                               "estimate does not fit")
+    parallelism: str = _opt("auto", "how the processes share the model: auto (DDP when one process per GPU fits with "
+                                    "every block recomputed, by qlora/memory.py's estimate; FSDP when it does not; DDP "
+                                    "on the CPU), ddp (a whole model per process: no weight traffic, faster), fsdp "
+                                    "(torch FSDP2: each process holds 1/N of the 4-bit weights, embeddings, LoRA, "
+                                    "gradients and optimizer state and gathers one block at a time; qlora/fsdp.py)",
+                            choices=["auto", "ddp", "fsdp"])
     loss_chunk_size: int = _opt(1024, "tokens per lm_head + cross-entropy chunk (the [tokens x 128256] logits are "
                                       "never built whole; 1024 tokens = 0.5 GB of fp32 logits at a time)")
     # --- bookkeeping
@@ -118,8 +124,8 @@ class TrainConfig:
     seq_len: int | None = _opt(None, "with --estimate-memory: tokens per packed row to plan for (default: --data's "
                                      "max_len when --data is given, else 8192; this flag wins over --data)")
     nproc: int | None = _opt(None, "with --estimate-memory: processes to plan for (torchrun --nproc_per_node x "
-                                   "nodes; above 1, DDP's gradient buckets add a copy of the LoRA gradients) "
-                                   "(default: $WORLD_SIZE, else 1)")
+                                   "nodes; above 1, DDP's gradient buckets add a copy of the LoRA gradients, and FSDP "
+                                   "divides the model by it) (default: $WORLD_SIZE, else 1)")
 
 
 # Settings a checkpoint must share with the run that resumes it. The optimizer is among them because its saved
@@ -312,6 +318,7 @@ def validate(cfg: TrainConfig) -> None:
               ("eval_max_rows", cfg.eval_max_rows is None or cfg.eval_max_rows >= 1, ">= 1"),
               ("log_every", cfg.log_every >= 1, ">= 1"),
               ("device", cfg.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+              ("parallelism", cfg.parallelism in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
               ("checkpoint_layers", str(cfg.checkpoint_layers) in ("auto", "all") or str(cfg.checkpoint_layers).isdigit(),
                "auto, all or a number of blocks"),
               ("gpu_memory_gib", cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0, "> 0"),

@@ -213,7 +213,7 @@ class SlotDecoder:
     """The model, a SlotCache of `slots` rows of `max_len` tokens, and a decode step (recorded as a CUDA graph when
     `use_graph`). Construct it before timing generation: allocation and recording are startup."""
 
-    def __init__(self, model, *, slots: int, max_len: int, use_graph: bool):
+    def __init__(self, model, *, slots: int, max_len: int, use_graph: bool, prompt_lengths: list[int] | None = None):
         # The base model (inside a PeftModel for an unmerged adapter) runs the forward: its LoRA layers are in place.
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base.set_attn_implementation(SLOT_ATTENTION)
@@ -226,16 +226,22 @@ class SlotDecoder:
             self.active = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1 while a slot decodes
             self.graph = None
             if self.device.type == "cuda":
-                self._warm_up()
+                self._warm_up(prompt_lengths)
             if use_graph:
                 self._record()
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, prompt_lengths: list[int] | None = None) -> None:
         # The first use of a CUDA kernel loads its module (lazy loading) and cuBLAS sets up per shape: seconds on the
-        # first prefills (measured: 4.1 s instead of 1.1 s for the 8B model's 128 prompts). Paid here, as startup, on
-        # a full prefill chunk and a small one; the keys/values they leave in slot rows are overwritten before use.
-        width = min(self.max_len, 128)
-        for rows in (max(1, min(self.slots, BATCH_TOKENS // width)), 1):
+        # first prefills (measured on the 8B model's 128 prompts: 4.1 s instead of 1.1 s without a warm-up, 2.8 s
+        # with one of another shape). Paid here, as startup, on the shapes of the first slots' prefills (as
+        # generate_continuous chunks them) and a one-row one; the keys/values left in the slots are overwritten.
+        first = sorted(prompt_lengths or [min(self.max_len, 128)] * self.slots, reverse=True)[:self.slots]
+        shapes = {(1, first[-1])}
+        while first:
+            rows = max(1, min(len(first), BATCH_TOKENS // first[0]))
+            shapes.add((rows, first[0]))
+            first = first[rows:]
+        for rows, width in sorted(shapes):
             self.prefill([[0] * width] * rows, list(range(rows)), list(range(rows)))
         self.cache.lengths.zero_()
 
@@ -294,7 +300,7 @@ class SlotDecoder:
 
 
 def make_decoder(model, plan: DecodePlan, *, device: torch.device, sequences: int, max_len: int,
-                 max_new_tokens: int) -> SlotDecoder:
+                 max_new_tokens: int, prompt_lengths: list[int] | None = None) -> SlotDecoder:
     """predict.py's decoder for the model as it will decode: slots from the plan (plan_slots_now), a CUDA graph on
     GPU unless the weights are 4-bit (bitsandbytes' 4-bit layers are not recorded) or too few steps would follow to
     pay for recording it."""
@@ -303,7 +309,7 @@ def make_decoder(model, plan: DecodePlan, *, device: torch.device, sequences: in
     use_graph = device.type == "cuda" and not is_four_bit(model) and steps >= GRAPH_MIN_STEPS
     slots = min(slots, sequences)
     try:
-        return SlotDecoder(model, slots=slots, max_len=max_len, use_graph=use_graph)
+        return SlotDecoder(model, slots=slots, max_len=max_len, use_graph=use_graph, prompt_lengths=prompt_lengths)
     except torch.cuda.OutOfMemoryError:
         what = "--batch-size" if plan.slots is not None else "the batch planned from the free memory"
         raise UserError(f"{what}: {slots} sequences of {max_len} tokens do not fit in GPU memory; give a smaller "

@@ -14,6 +14,11 @@ import torch
 from .errors import UserError
 
 
+# Test hook, not a user setting: QLORA_TEST_ONE_GPU=1 puts every rank on cuda:0 and joins them with gloo, so DDP's
+# CUDA path can be checked with 2 ranks on one GPU (NCCL refuses two ranks on one device; tests/test_gpu.py).
+ONE_GPU_TEST_HOOK = "QLORA_TEST_ONE_GPU"
+
+
 class Dist:
     """Rank, world size and device of this process; sums, gathers and barriers across the job (no-ops alone)."""
 
@@ -24,14 +29,15 @@ class Dist:
         if device_flag == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to this process")
         use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        one_gpu = use_cuda and os.environ.get(ONE_GPU_TEST_HOOK) == "1"
+        self.device = torch.device("cuda", 0 if one_gpu else self.local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                    device_id=self.device if use_cuda else None)
+            nccl = use_cuda and not one_gpu
+            dist.init_process_group(backend="nccl" if nccl else "gloo", device_id=self.device if nccl else None)
 
     @property
     def is_main(self) -> bool:

@@ -4,23 +4,33 @@ DDP keeps a whole copy of the model on every GPU; Llama-3-70B in NF4 (~32 GiB of
 and lm_head) plus activations does not fit a 40 GB A100 that way. Here each of N processes keeps 1/N of every
 weight, LoRA master, gradient and optimizer state, and gathers one decoder block's weights at a time:
 
-    base = load_base_model(model_dir, device=device, quant_storage=QUANT_STORAGE)   # NF4 packed in bf16
+    base = load_base_model(model_dir, device=device, compute_dtype=dt, quant_storage=dt)  # NF4 packed in dt
     offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
     peft_model = apply_lora(base, ...)
-    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, then the root
+    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, head, the root
     optimizer = shard_optimizer(trainable_params, build)    # bitsandbytes 8-bit AdamW on each rank's own shards
 
 What is taken from the libraries and what is not:
   * Sharding, gathering, mixed precision and gradient reduce-scatter are FSDP2's: `fully_shard` on every decoder
-    block (one unit each: gathered just before the block runs, freed after), on the embeddings and on the final
-    norm + lm_head, then on the root. MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the fp32 LoRA
-    masters are gathered in bf16 (the dtype autocast computes them in anyway) and their gradients are reduce-scattered
-    in fp32. FSDP's reduce-scatter averages over ranks as DDP's all-reduce does, so the training loop's loss scaling
-    (world / label tokens of the global batch) gives the same update as one process with the same global batch.
-  * The packed NF4 bytes are stored as bf16 pairs (`bnb_4bit_quant_storage`, QUANT_STORAGE: the same bytes and
-    kernels), so each block is all-gathered in one bf16 collective with its bf16 norms and LoRA weights: the form
-    bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded). torch
-    2.13's FSDP2 also shards uint8 storage, through a byte-view all-gather (seen on CPU); not used here.
+    block (one unit each: gathered just before the block runs, freed after), on the embeddings and on the lm_head,
+    then on the root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
+    the fp32 LoRA masters are gathered in bf16 (the dtype autocast computes them in anyway); on the CPU (fp32
+    compute) nothing is cast. Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
+    DDP's all-reduce does, so the training loop's loss scaling (world / label tokens of the global batch) gives the
+    same update as one process with the same global batch.
+  * The packed NF4 bytes are stored in the compute dtype (`bnb_4bit_quant_storage`: bf16 pairs on the GPU, fp32
+    quadruples on the CPU; the same bytes and kernels), so each block is all-gathered in one collective with its
+    norms and LoRA weights, and no cast ever touches the bytes: FSDP casts every weight it gathers to param_dtype,
+    which would turn bf16-stored bytes into other, meaningless ones under fp32 compute. This is the form
+    bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
+  * The lm_head is used by its weight (the loss multiplies the last hidden states by it chunk by chunk, or in
+    Liger's fused kernel), never called, so FSDP's forward hooks would never gather it, and a unit that holds it
+    with a module that does run (the final norm) never completes its forward: torch 2.11 skips that unit's
+    post-forward and pre-backward logic and warns at the end of the backward that it "did not run forward before
+    backward" (2.13 completes such units at the root's post-forward instead). Its own unit is therefore
+    gathered explicitly (FSDPModule.unshard) when the final norm has run and released (reshard) when the training
+    step's forward ends: both loss paths compute the hidden states' gradient in the forward for the frozen head,
+    so the backward never reads it. Tied embeddings (one weight at both ends) stay in the root unit instead.
   * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
     runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
     weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
@@ -33,7 +43,8 @@ What is taken from the libraries and what is not:
     DTensor"; bitsandbytes issue #1633, axolotl refuses the combination): `shard_optimizer` gives the optimizer each
     rank's local shards and hands it their gradients at every step. Element-wise state (32-bit Adam, and 8-bit
     Adam's 256-element blocks wherever a shard starts on a block boundary, as every Llama-3 LoRA shard does for
-    N in 1, 2, 4, 8) gives the same update as on the whole tensor.
+    N in 1, 2, 4, 8) gives the same update as on the whole tensor, provided each shard gets the state precision
+    its whole tensor would (bitsandbytes decides 8 or 32 bits by the size of the tensor it is handed).
 
 Gradient accumulation: gradients are reduce-scattered after every micro-batch (FSDP's default), so each rank
 accumulates only its fp32 shard instead of the whole unsharded gradient (no `no_sync` as under DDP).
@@ -44,10 +55,6 @@ import torch
 
 from .errors import UserError
 from .llama3 import IGNORE_INDEX
-
-# NF4 bytes packed two to a byte, stored as bf16 pairs: FSDP2 shards float storage like any bf16 weight.
-QUANT_STORAGE = torch.bfloat16
-
 
 def offload_embeddings(base_model) -> None:
     """Move the unquantised embeddings and lm_head to CPU until `shard` brings them back as 1/N shards.
@@ -76,21 +83,22 @@ def _restore_quant_state(linears):
     return hook
 
 
-def mixed_precision():
+def mixed_precision(compute_dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    # param_dtype = the dtype the 4-bit bytes are stored in, so gathering never casts them.
     # cast_forward_inputs=False: forward_loss's autocast decides every compute dtype, as without FSDP.
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
     """fully_shard a TrainStep(peft 4-bit LoRA model) over all ranks of the default process group, in place.
 
     Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward);
-    the input embeddings (resharded after use: the backward never needs them); the final norm + lm_head, kept
-    gathered from the end of the forward to the start of the backward, which needs them at once (forward_loss uses
-    lm_head.weight directly, so the unit is gathered when the norm runs); then the root, whose forward is the
-    training step. Tied embeddings (one weight for input and output) make the last two one unit.
+    the input embeddings (resharded after use: the backward never needs them); the lm_head, gathered for the loss
+    alone (module doc); then the root, whose forward is the training step and which holds the final norm for the
+    whole step (a vector). Tied embeddings (one weight at both ends) stay in the root too.
+    The 4-bit weights must be stored in the compute dtype (load_base_model(..., quant_storage=compute_dtype)).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -102,34 +110,29 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
         raise RuntimeError("qlora.fsdp.shard needs torch.distributed initialised (torchrun)")
     device = torch.device(device)
     base = train_step.model.get_base_model()
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    compute_dtype = embed.weight.dtype  # load_base_model keeps every unquantised weight in the compute dtype
     for lin in _linear4bit_modules(base):
-        if lin.weight.dtype != QUANT_STORAGE:  # the one form documented for FSDP and tested here
-            raise UserError(f"4-bit weights stored as {lin.weight.dtype}: load the base to shard with "
-                            f"load_base_model(..., quant_storage=qlora.fsdp.QUANT_STORAGE)")
+        if lin.weight.dtype != compute_dtype:
+            raise UserError(f"4-bit weights stored as {lin.weight.dtype} under {compute_dtype} compute: load the base "
+                            f"to shard with load_base_model(..., quant_storage=compute_dtype)")
         if lin.quant_state is None:  # bitsandbytes sets it when it quantises; prequantised loads may not
             lin.quant_state = lin.weight.quant_state
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, mp_policy=mixed_precision())
+    kw = dict(mesh=mesh, mp_policy=mixed_precision(compute_dtype))
     for block in decoder_layers(base):
         linears = _linear4bit_modules(block)
         fully_shard(block, reshard_after_forward=True, **kw)
         block.register_forward_pre_hook(_restore_quant_state(linears))
-    embed, head, norm = base.get_input_embeddings(), base.get_output_embeddings(), base.model.norm
-    for m in (embed, head, norm):
+    for m in (embed, head):
         m.to(device)  # back from offload_embeddings, after the blocks shrank
-    if embed.weight is head.weight:
-        fully_shard([embed, norm, head], reshard_after_forward=False, **kw)
-    else:
+    if embed.weight is not head.weight:
         fully_shard(embed, reshard_after_forward=True, **kw)
-        fully_shard([norm, head], reshard_after_forward=False, **kw)
+        fully_shard(head, **kw)
+        base.model.norm.register_forward_hook(lambda *_: head.unshard())  # the loss comes next
+        train_step.register_forward_hook(lambda *_: head.reshard())      # the loss is done
     fully_shard(train_step, **kw)
     return train_step
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 def shard_optimizer(params, build) -> torch.optim.Optimizer:
@@ -142,6 +145,7 @@ def shard_optimizer(params, build) -> torch.optim.Optimizer:
     with torch.no_grad():  # to_local() without grad is the shard itself (its storage), not a differentiable view
         shards = [p.to_local() for p in params]
     optimizer = build(shards)
+    _state_precision_of_the_whole_tensors(optimizer, params, shards)
 
     def hand_over_gradients(_optimizer, _args, _kwargs):
         with torch.no_grad():
@@ -155,6 +159,21 @@ def shard_optimizer(params, build) -> torch.optim.Optimizer:
     optimizer.register_step_pre_hook(hand_over_gradients)
     optimizer.register_step_post_hook(drop_gradients)
     return optimizer
+
+
+def _state_precision_of_the_whole_tensors(optimizer, params, shards) -> None:
+    """bitsandbytes keeps a tensor smaller than min_8bit_size in 32-bit state, judging by the tensor it is handed: the
+    shard of a tensor above the limit can fall below it and take 32-bit state where one process takes 8-bit (another
+    update). Decide by the whole tensor instead, through bitsandbytes' per-parameter config override."""
+    if not type(optimizer).__module__.startswith("bitsandbytes"):
+        return
+    import bitsandbytes as bnb
+
+    limit = optimizer.args.min_8bit_size
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for p, s in zip(params, shards):
+        if s.numel() < limit <= p.numel():
+            manager.override_config(s, "min_8bit_size", 0)
 
 
 def gather_lora_state(peft_model) -> dict:

@@ -27,8 +27,8 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
     their gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not (bitsandbytes keeps
     them on every Linear4bit, outside FSDP). Gathered for a while: up to three blocks (the one computing, the next
     one prefetched, and that one's all-gather buffer until it is copied out) plus one block's unsharded bf16 LoRA
-    gradients and their fp32 copy for the reduce-scatter; the final norm + lm_head from the end of the forward to
-    the start of the backward (the loss's phase). No DDP buckets. Loading: qlora/fsdp.py loads the whole 4-bit model
+    gradients and their fp32 copy for the reduce-scatter; the lm_head while the loss runs (the loss's phase; tied
+    embeddings: the whole step, in the root unit). No DDP buckets. Loading: qlora/fsdp.py loads the whole 4-bit model
     on each GPU before sharding it, so the larger of "4-bit model + embeddings" and "4-bit model + whole fp32 LoRA
     masters" (the embeddings wait on the CPU meanwhile) must fit too (`load_bytes`).
   * Not counted: NCCL's own buffers (outside PyTorch's allocator, not measured here; the 90% budget leaves room).
@@ -187,7 +187,7 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         block_lora = trainable // layers
         blocks_gathered = 3 * (block_weights + 2 * block_lora)
         lora_grad_buffers = block_lora * (2 + 4)
-        if cfg.get("tie_word_embeddings"):  # one unit with the embeddings: gathered for the whole step
+        if cfg.get("tie_word_embeddings"):  # in the root unit with the embeddings: gathered for the whole step
             rows.append(("FSDP: embeddings + lm_head gathered (tied)", head_gathered, True, "the whole step"))
             head_gathered = 0
     static = sum(b for _, b, inside, _ in rows if inside)
@@ -218,7 +218,7 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         loss_b = tokens * 2 * h + chunk * v * (2 + 4 + 4 + 2)
         rows.append((f"loss: chunked CE, {chunk}-token logits", loss_b, True, "bf16 + fp32 logits and their gradient"))
     if head_gathered:
-        rows.append(("FSDP: norm + lm_head gathered (loss phase)", head_gathered, True, "end of forward to start of backward"))
+        rows.append(("FSDP: lm_head gathered (loss phase)", head_gathered, True, "while the loss runs"))
     # The loss's transient (at the start of the backward) and the blocks' (recompute, activation gradients) come one
     # after the other: the peak is the larger of the two on top of everything saved.
     blocks_phase = ((block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)

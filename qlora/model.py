@@ -80,10 +80,18 @@ def validate_model_dir(model_dir: str | os.PathLike) -> dict:
         missing.append("*.safetensors (model weights)")
     if missing:
         raise UserError(f"--model {d}: incomplete model directory, missing: {', '.join(missing)}")
+    return read_model_config(d)
+
+
+def read_model_config(model_dir: str | os.PathLike) -> dict:
+    """A model directory's config.json as a dict: all that --estimate-memory needs (no weights, no tokenizer)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model {model_dir}: no config.json there")
     try:
-        return json.loads((d / "config.json").read_text())
+        return json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f"--model {d}: config.json is not valid JSON ({e})") from e
+        raise UserError(f"--model {model_dir}: config.json is not valid JSON ({e})") from e
 
 
 def check_vocab_size(model_dir: str | os.PathLike, model_config: dict, tokenizer) -> None:
@@ -131,8 +139,8 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
     quantize="none": plain weights in the compute dtype (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
     compute_dtype: default `resolve_compute_dtype("auto", device)` (bf16 on CUDA, fp32 on the CPU).
-    quant_storage: the dtype the packed 4-bit bytes are stored in: qlora.fsdp.QUANT_STORAGE (bf16) to shard with
-    FSDP (qlora/fsdp.py says why). The bytes and every kernel are the same either way.
+    quant_storage: the dtype the packed 4-bit bytes are stored in: the compute dtype to shard with FSDP
+    (qlora/fsdp.py says why). The bytes and every kernel are the same either way.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -9,7 +9,7 @@ import torch
 from .config import TrainConfig
 from .data import PackedShards, eval_micro_batches
 from .distributed import Dist
-from .model import forward_loss
+from .fsdp import even_eval_batches
 
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -52,15 +52,25 @@ def to_device(batch: dict, device) -> dict:
     return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(peft_model, val: PackedShards, cfg: TrainConfig, dist: Dist) -> tuple[float, int]:
-    """(mean loss per label token, label tokens) over the validation rows, split across ranks and summed."""
-    peft_model.eval()
+def evaluate(train_step: torch.nn.Module, val: PackedShards, cfg: TrainConfig, dist: Dist, *,
+             sharded: bool = False) -> tuple[float, int]:
+    """(mean loss per label token, label tokens) over the validation rows, split across ranks and summed.
+
+    train_step: qlora.model.TrainStep (forward_loss as a module; sharded in place under FSDP, sharded=True).
+    """
+    batches = list(eval_micro_batches(val, cfg.micro_batch_size, dist.rank, dist.world, cfg.eval_max_rows))
+    if sharded:  # every forward gathers weights with all ranks: every rank runs as many, some on a label-less filler
+        rows = min(len(val), cfg.eval_max_rows or len(val))
+        per_rank = math.ceil(math.ceil(rows / cfg.micro_batch_size) / dist.world)
+        filler = next(eval_micro_batches(val, cfg.micro_batch_size, 0, 1, cfg.eval_max_rows))
+        batches = even_eval_batches(batches, per_rank, filler)
+    train_step.eval()
     loss_sum, n_tokens = 0.0, 0.0
     with torch.no_grad():
-        for batch in eval_micro_batches(val, cfg.micro_batch_size, dist.rank, dist.world, cfg.eval_max_rows):
-            loss, n = forward_loss(peft_model, to_device(batch, dist.device), loss_chunk_size=cfg.loss_chunk_size)
+        for batch in batches:
+            loss, n = train_step(**to_device(batch, dist.device))
             loss_sum += float(loss)
             n_tokens += float(n)
-    peft_model.train()
+    train_step.train()
     loss_sum, n_tokens = dist.all_reduce_sum([loss_sum, n_tokens])
     return (loss_sum / n_tokens if n_tokens else float("nan")), int(n_tokens)

@@ -11,7 +11,10 @@ tokens/s) and OUT/adapter (the gathered LoRA as a PEFT adapter); --save-at STEP 
 OUT/checkpoints, --resume CKPT continues from one.
 
 --device cuda --same-gpu puts every rank on cuda:0 (gloo carries the collectives: NCCL refuses two ranks on one GPU),
-the GPU equality check of bench/device_run.sh's fsdp phase.
+the GPU equality check of bench/device_run.sh's fsdp phase. --stage-through-cpu runs every collective of the step on
+CPU copies (gloo's CPU path instead of its CUDA one): FSDP's all-gathers and reduce-scatters, the gradient norm of
+the clipping and the final gather of the adapter. It is the fallback of that check, should gloo's CUDA path fail
+under FSDP (bench/fsdp_diag.py finds out); a test-harness device only, never the product's.
 """
 from __future__ import annotations
 
@@ -29,6 +32,68 @@ import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def staged_through_cpu_comms():
+    """(AllGather, ReduceScatter) for FSDPModule.set_custom_all_gather / set_custom_reduce_scatter that run gloo's CPU
+    collectives on host copies of FSDP's CUDA buffers (synchronous; FSDP's streams order the copies)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    class Allocate:
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+    class StagedAllGather(Allocate, AllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            host = torch.empty(output_tensor.shape, dtype=output_tensor.dtype)
+            dist.all_gather_into_tensor(host, input_tensor.cpu(), group=group)
+            output_tensor.copy_(host)
+
+    class StagedReduceScatter(Allocate, ReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            host = torch.empty(output_tensor.shape, dtype=output_tensor.dtype)
+            dist.reduce_scatter_tensor(host, input_tensor.cpu(), op=op, group=group)
+            output_tensor.copy_(host)
+
+    return StagedAllGather(), StagedReduceScatter()
+
+
+def stage_through_cpu(root: torch.nn.Module) -> int:
+    """Give every FSDP unit under `root` the CPU-staged collectives; the number of units."""
+    from torch.distributed.fsdp import FSDPModule
+
+    all_gather, reduce_scatter = staged_through_cpu_comms()
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_custom_all_gather(all_gather)
+        m.set_custom_reduce_scatter(reduce_scatter)
+    return len(units)
+
+
+def clip_staged_through_cpu(params, max_norm: float) -> float:
+    """clip_grad_norm_ over DTensor gradients with the squared norms summed across ranks on a CPU tensor."""
+    import torch.distributed as dist
+
+    local = [p.grad.to_local() for p in params if p.grad is not None]
+    squares = torch.stack([g.float().square().sum() for g in local]).sum().cpu()
+    dist.all_reduce(squares)
+    total = float(squares.sqrt())
+    torch._foreach_mul_(local, min(1.0, max_norm / (total + 1e-6)))
+    return total
+
+
+def lora_staged_through_cpu(peft_model) -> dict:
+    """The whole LoRA weights on every rank, each gathered as CPU copies of the dim-0 shards in rank order."""
+    import torch.distributed as dist
+
+    state = {}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, p.to_local().detach().cpu())
+            state[name] = torch.cat(parts)
+    return state
 
 
 def main() -> None:
@@ -49,6 +114,8 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--same-gpu", action="store_true", help="every rank on cuda:0")
+    ap.add_argument("--stage-through-cpu", action="store_true",
+                    help="FSDP's collectives on CPU copies of its buffers (gloo's CPU path)")
     ap.add_argument("--kernels", default="none", choices=["none", "liger"])
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--checkpoint-layers", type=int, default=-1)
@@ -62,7 +129,7 @@ def main() -> None:
                                   save_checkpoint, save_sharded_checkpoint)
     from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
     from qlora.loss import count_label_tokens
-    from qlora.model import TrainStep, apply_lora, load_base_model
+    from qlora.model import TrainStep, apply_lora, load_base_model, resolve_compute_dtype
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.device == "cuda":
@@ -89,8 +156,9 @@ def main() -> None:
     rows_per_step = args.micro_batch_size * args.grad_accum * world
 
     torch.manual_seed(args.seed)
-    base = load_base_model(args.model, attn_implementation=args.attn, device=device,
-                           quant_storage=fsdp.QUANT_STORAGE if sharded else torch.uint8)
+    compute_dtype = resolve_compute_dtype("auto", device)
+    base = load_base_model(args.model, attn_implementation=args.attn, device=device, compute_dtype=compute_dtype,
+                           quant_storage=compute_dtype if sharded else torch.uint8)
     if sharded:
         fsdp.offload_embeddings(base)
     model = apply_lora(base, r=args.lora_r, alpha=16, seed=args.seed, checkpoint_layers=args.checkpoint_layers,
@@ -103,6 +171,8 @@ def main() -> None:
 
     if sharded:
         step_fn = fsdp.shard(step_fn, device)
+        if args.stage_through_cpu:
+            stage_through_cpu(step_fn)
         trainable = [p for p in model.parameters() if p.requires_grad]  # now DTensors
         optimizer = fsdp.shard_optimizer(trainable, build)
     else:
@@ -134,7 +204,10 @@ def main() -> None:
             loss_sum, _ = step_fn(**{k: torch.from_numpy(v).to(device) for k, v in mb.items()})
             (loss_sum * scale).backward()
             local_loss += float(loss_sum.detach())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if args.stage_through_cpu:
+            clip_staged_through_cpu(trainable, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,7 +233,12 @@ def main() -> None:
                                 trainer_state=trainer_state, rng_states=rng, keep=2)
 
     if sharded:
-        fsdp.save_adapter(model, out / "adapter", is_main=rank == 0)
+        if args.stage_through_cpu:
+            lora = lora_staged_through_cpu(model)
+            if rank == 0:
+                model.save_pretrained(str(out / "adapter"), state_dict=lora)
+        else:
+            fsdp.save_adapter(model, out / "adapter", is_main=rank == 0)
     else:
         model.save_pretrained(str(out / "adapter"))
     mem = {}
@@ -178,7 +256,7 @@ def main() -> None:
         (out / "result.json").write_text(json.dumps({
             "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": per_rank,
             "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
-            "resumed_from": args.resume}, indent=2) + "\n")
+            "resumed_from": args.resume, "staged_through_cpu": args.stage_through_cpu}, indent=2) + "\n")
     if sharded:
         dist.barrier()
         dist.destroy_process_group()

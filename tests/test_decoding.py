@@ -18,7 +18,8 @@ from qlora.decoding import (SlotCache, SlotDecoder, bytes_per_slot, generate_con
 from qlora.errors import UserError
 from qlora.generation import PromptRecord, SamplingConfig, encode_prompts, format_prompt, generate, reference_losses
 from qlora.llama3 import load_tokenizer
-from qlora.memory import ALLOCATOR_SLACK_BYTES, CUDA_CONTEXT_BYTES, LLAMA3_8B, GiB, projection_shapes
+from qlora.llama3 import LLAMA3_8B_CONFIG as LLAMA3_8B
+from qlora.memory import ALLOCATOR_SLACK_BYTES, CUDA_CONTEXT_BYTES, GiB, projection_shapes
 
 PROMPTS = ["C4", "C4 D4 E4 F4 G4 A4 B4 C4 D4 E4 F4 G4", "G4 A4", "B4 B4 B4 B4 D4", "A4 B4 C4", "D4"]
 
@@ -77,7 +78,7 @@ def test_warm_up_prefills_leave_no_trace(model, tokenizer):
     lengths = [len(x) for x in encode_prompts(tokenizer, _records())]
     decoder = SlotDecoder(model, slots=5, max_len=slot_length(lengths, cfg.max_new_tokens), use_graph=False)
     with torch.inference_mode():
-        decoder._warm_up()
+        decoder._warm_up(lengths)
     assert int(decoder.cache.lengths.sum()) == 0 and decoder.cache.keys[0].abs().sum() > 0  # it did write the cache
     assert {_key(s): (s.token_ids, s.stop_reason) for s in generate_continuous(decoder, tokenizer, _records(), cfg)} \
         == want
