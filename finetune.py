@@ -75,6 +75,9 @@ from pathlib import Path  # noqa: E402
 # Expandable segments: the allocator grows segments in place instead of leaving ~2-3 GiB fragmented at the peak
 # (measured, bench/RESULTS.md). Must be set before CUDA initialises; an explicit setting wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+from qlora.cpu_kernels import pin_cpu_code_paths  # noqa: E402
+
+pin_cpu_code_paths()  # the same numbers on AVX2-only and AVX-512 CPUs (qlora/cpu_kernels.py says why)
 import torch  # noqa: E402
 
 from qlora.atomic import atomic_dir, write_json_atomic

@@ -50,11 +50,14 @@ import time
 import warnings
 from pathlib import Path
 
-from qlora.atomic import check_output_dir, check_output_file
-from qlora.errors import UserError, run_main
-from qlora.llama3 import FORMATS
-from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, checkpoints_dir, run_dir_of_adapter
-from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags
+from qlora.cpu_kernels import pin_cpu_code_paths
+
+pin_cpu_code_paths()  # before torch loads: the same numbers on AVX2-only and AVX-512 CPUs (qlora/cpu_kernels.py)
+from qlora.atomic import check_output_dir, check_output_file  # noqa: E402
+from qlora.errors import UserError, run_main  # noqa: E402
+from qlora.llama3 import FORMATS  # noqa: E402
+from qlora.rundir import ADAPTER_DIR, CONFIG_FILE, checkpoints_dir, run_dir_of_adapter  # noqa: E402
+from qlora.vocab import ROLES, add_special_token_flags, load_hand_vocab, special_token_flags  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- defaults
 BATCH_SIZE = 8  # prompts per generate() call with --decode plain; x --num-samples sequences
