@@ -193,6 +193,7 @@ EOF
   done
   # lift the ~2-minute requeue hold only once the node has finished the old instance (else: "Job credential revoked")
   for _ in $(seq 120); do [[ $(sinfo -h -N -o '%t' | head -n1) == idle ]] && break; sleep 0.5; done
+  sleep 2  # and not within the second of the requeue: credential times are compared in whole seconds
   scontrol update JobId="$jobid" StartTime=now
   for _ in $(seq 120); do
     state=$(scontrol show job "$jobid" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)

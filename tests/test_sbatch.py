@@ -195,6 +195,10 @@ def test_usr1_checkpoints_requeues_and_resumes(uninterrupted, tiny_model_dir, sh
         # once the node has finished completing the old instance: started while it still completes, the new one is
         # killed ("Killing non-startable batch JobId=15: Job credential revoked", seen once in ten runs here).
         wait_for("the node to finish the old instance", node_idle, 60, jobid, work, every=0.2)
+        # slurmd compares a new launch credential's creation time with the old one's revocation in whole seconds:
+        # allocated within the second of the requeue, the new instance was still killed as "credential revoked"
+        # (slurmctld.log, 2026-12-02: requeue at :03.327, hold lifted at :03.423 with the node idle, killed at :03.612)
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=True)
     stopped = re.search(r"status\.json: state=stopped step=(\d+)", job_log(work, jobid))
     assert stopped, job_log(work, jobid)[-4000:]
