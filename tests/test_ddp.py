@@ -21,13 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_dir, finetune_task_data, tmp_path):
     """2 ranks x micro-batch 1 x grad-accum 2 == 1 process x micro-batch 1 x grad-accum 4 (4 rows a step).
 
-    Tolerances: per-step train loss and validation loss 1e-4 relative, final LoRA weights 1e-5 absolute (only
-    summation order differs: gradients are all-reduced instead of accumulated in one process). Across the two
-    ranks the LoRA weights must be bit-identical (sha256 of their bytes, checked at every checkpoint).
-    The optimizer is plain AdamW: the default 8-bit AdamW rounds its state to 256-level blocks, so a gradient that
-    differs in the 8th digit can move one weight by a whole level (seen: one of 16,384 weights by 1.5e-4 at lr 5e-3);
-    that compares the optimizer's rounding, not DDP. The 8-bit optimizer under DDP is covered by the bit-identical
-    ranks here and in the GPU test (tests/test_gpu.py).
+    Tolerances: per-step train loss and validation loss 1e-4 relative. Final LoRA weights: 99.9% within 1e-5
+    absolute and all within 5e-4, a tenth of one update at lr 5e-3 (only summation order differs: gradients are
+    all-reduced instead of accumulated in one process; measured 1.9e-6 at most on one install, while on another and
+    on the CI host 2 of 262,144 weights moved 5.0e-5: Adam's update m/(sqrt(v)+eps) turns a last-bit difference in a
+    gradient near eps into a visible one). Across the two ranks the LoRA weights must be bit-identical (sha256 of their bytes, checked at every
+    checkpoint). The optimizer is plain AdamW: the default 8-bit AdamW rounds its state to 256-level blocks, so a
+    gradient that differs in the 8th digit can move one weight by a whole level (seen: one of 16,384 weights by 1.5e-4
+    at lr 5e-3); that compares the optimizer's rounding, not DDP. The 8-bit optimizer under DDP is covered by the
+    bit-identical ranks here and in the GPU test (tests/test_gpu.py).
     """
     common = ["--model", tiny_model_dir, "--data", finetune_task_data, "--micro-batch-size", 1, "--max-steps", 3,
               "--save-every", 2, "--eval-every", 3, "--lr", "5e-3", "--seed", 0, "--device", "cpu",
@@ -64,6 +66,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
     w2 = load_file(str(run2 / "adapter" / "adapter_model.safetensors"))
     w1 = load_file(str(run1 / "adapter" / "adapter_model.safetensors"))
     assert w2.keys() == w1.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5)  # measured: 1.9e-6 at most
+    differences = torch.cat([(w2[k] - w1[k]).abs().flatten() for k in w1])
+    print(f"LoRA weights: largest difference {float(differences.max()):.3g}, "
+          f"{int((differences > 1e-5).sum())} of {differences.numel()} above 1e-5")
+    assert float(differences.max()) <= 5e-4 and int((differences > 1e-5).sum()) <= differences.numel() // 1000
     assert json.loads((run2 / "status.json").read_text())["state"] == "finished"

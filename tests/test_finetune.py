@@ -178,6 +178,26 @@ def test_killed_run_resumes_from_the_last_complete_checkpoint(reference_run, tin
     assert_steps_differ(ref, rel=1e-6)
 
 
+def test_stop_request_older_than_the_job_is_cleared_a_newer_one_kept(tmp_path, monkeypatch):
+    """finetune.sbatch exports the job's start (QLORA_JOB_STARTED_AT): a stop_requested written before it is the
+    previous job's and is deleted; one written since (a USR1 or a touch during the job's setup) stops this run. Run
+    by hand (no variable), any request found when the run directory opens is stale."""
+    stop = tmp_path / "stop_requested"
+    stop.touch()
+    os.utime(stop, (1000.0, 1000.0))
+    monkeypatch.setenv("QLORA_JOB_STARTED_AT", "999.5")
+    finetune._clear_stale_stop_request(stop)
+    assert stop.exists(), "a request made after the job started was deleted"
+    monkeypatch.setenv("QLORA_JOB_STARTED_AT", "1000.5")
+    finetune._clear_stale_stop_request(stop)
+    assert not stop.exists(), "the previous job's request was kept"
+    stop.touch()
+    monkeypatch.delenv("QLORA_JOB_STARTED_AT")
+    finetune._clear_stale_stop_request(stop)
+    assert not stop.exists()
+    finetune._clear_stale_stop_request(stop)  # nothing to clear
+
+
 @pytest.mark.slow
 def test_larger_max_steps_continues_a_finished_run(tiny_model_dir, finetune_task_data, tmp_path, capsys):
     run = tmp_path / "run"
