@@ -7,6 +7,11 @@ Pinning all three to their AVX2 paths (the widest every x86-64 CPU of this decad
 measured cost on the quick start on an AVX-512 BF16 CPU: bench/RESULTS.md "CPU compute dtype". A variable already
 set in the environment wins. GPU kernels are not affected; CPU work in a GPU run is bookkeeping.
 
+Only within one maker: MKL honours MKL_CBWR=AVX2 on Intel CPUs and runs its own choice elsewhere (Intel's CNR
+documentation), so an AMD and an Intel CPU end the quick start at different validation losses (0.0030 vs 0.0013).
+MKL_CBWR=COMPATIBLE (SSE2, Intel's setting for every maker; not tried on an AMD CPU here) costs twice the quick
+start's time (measured, 2026-12-02), so it is not the default.
+
 Must run before torch is imported: the three libraries read these variables once, when they load.
 """
 from __future__ import annotations

@@ -47,3 +47,14 @@ def test_quickstart_short(tmp_path):
     assert sum(not r["unknown_pieces"] for r in trained) >= 0.9 * len(trained)
     assert sum(r["stop_reason"] == "stop" for r in trained) >= 0.9 * len(trained)
     assert (out / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_quickstart_without_the_requirements_says_how_to_install(tmp_path):
+    """A python without torch (the venv neither active nor named) is a one-line hint before anything is written."""
+    env = dict(os.environ, PYTHON=str(tmp_path / "no-python"), OUT=str(tmp_path / "qs"))
+    res = subprocess.run(["bash", "examples/quickstart.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and not (tmp_path / "qs").exists()
+    assert res.stderr.strip().splitlines() == [
+        f"quickstart.sh: {tmp_path / 'no-python'} lacks the requirements: run 'bash install_prereqs' then "
+        "'source .venv/bin/activate'"]
