@@ -85,7 +85,7 @@ from qlora.checkpoint import (capture_rng, check_fingerprint, check_resume_paral
                               load_checkpoint, load_sharded_checkpoint, mark_resumed, newest_intact_checkpoint,
                               read_trainer_state, run_fingerprint, save_checkpoint, save_sharded_checkpoint)
 from qlora.config import RESUMABLE_KEYS, TrainConfig, as_dict, resolve_config
-from qlora.data import PackedShards, StreamOrder, check_data, read_metadata, step_micro_batches
+from qlora.data import PackedShards, StreamOrder, check_data, step_micro_batches
 from qlora.distributed import Dist, lora_digest
 from qlora.errors import UserError, run_main
 from qlora.fsdp import gather_lora_state, offload_embeddings, shard, shard_optimizer
@@ -96,6 +96,7 @@ from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, check_vocab_
                          validate_model_dir)
 from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
 from qlora.rundir import RunDir, check_run_dir, git_commit, library_versions, list_checkpoints
+from qlora.shards import read_shard_metadata
 from qlora.training import apply_settings, evaluate, lr_lambda, make_optimizer, to_device
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
 
 def cfg_max_len(cfg: TrainConfig):
     with contextlib.suppress(Exception):
-        return read_metadata(cfg.data)["max_len"]
+        return read_shard_metadata(cfg.data)["max_len"]
     return "?"
 
 
@@ -640,7 +641,7 @@ def print_recipe(cfg: TrainConfig, resolved: dict, plan: MemoryPlan, resume_path
 def estimate_memory_only(cfg: TrainConfig) -> int:
     """--estimate-memory: print the table; 0 if it fits, 1 with the knobs to turn if not (training would refuse)."""
     model_config = read_model_config(cfg.model) if cfg.model else None  # its config.json is all the plan needs
-    data_len = int(read_metadata(cfg.data)["max_len"]) if cfg.data else None
+    data_len = int(read_shard_metadata(cfg.data)["max_len"]) if cfg.data else None
     seq_len = cfg.seq_len or data_len or 8192
     if cfg.seq_len and data_len and cfg.seq_len != data_len:
         print(f"finetune.py: planning for --seq-len {cfg.seq_len}, not the max_len {data_len} of {cfg.data}")

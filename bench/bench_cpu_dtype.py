@@ -39,7 +39,8 @@ def child(work: Path, dtype: str, lmhead: str, steps: int) -> dict:
 
     import qlora.loss as loss_module
     import qlora.model as model_module
-    from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
+    from qlora.data import PackedShards, StreamOrder, step_micro_batches
+    from qlora.shards import read_shard_metadata as read_metadata
     from qlora.model import apply_lora, forward_loss, load_base_model, resolve_compute_dtype
 
     torch.set_num_threads(1)

@@ -22,16 +22,8 @@ from .errors import UserError
 COLUMNS = ("input_ids", "labels", "doc_lens")
 
 
-def read_metadata(data_dir: str | os.PathLike) -> dict:
-    """OUT/metadata.json of pretokenize.py, checked against every shard's parquet footer (schema, row counts, row
-    groups <= 64 rows) by pretokenize's own validator, so writer and reader agree on contract 3."""
-    from .shards import read_shard_metadata
-
-    return read_shard_metadata(data_dir)
-
-
 def check_data(data_dir: str | os.PathLike, model_dir: str | os.PathLike, model_config: dict, tokenizer) -> dict:
-    """read_metadata, and refuse data this model cannot train on: shards made with another tokenizer, rows longer
+    """shards.read_shard_metadata (metadata.json checked against every shard's parquet footer), and refuse data this model cannot train on: shards made with another tokenizer, rows longer
     than its context, an empty train split. Returns the metadata."""
     from .llama3 import tokenizer_fingerprint
     from .shards import read_shard_metadata

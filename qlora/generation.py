@@ -211,8 +211,6 @@ def generate(model, tokenizer, records: list[PromptRecord], cfg: SamplingConfig,
     the same samples. `progress(samples_done, new_tokens, budget_tokens)` is called after each batch (the budget is
 samples x max_new_tokens: a batch uses all of its rows').
     """
-    import torch
-
     cfg.validate()
     gen_cfg = cfg.generation_config()
     # A PeftModel generates through its base model, which reads its own generation_config.

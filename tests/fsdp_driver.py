@@ -125,11 +125,12 @@ def main() -> None:
     import torch.distributed as dist
 
     from qlora import fsdp
-    from qlora.checkpoint import (capture_rng, load_checkpoint, load_sharded_checkpoint, read_trainer_state,
-                                  save_checkpoint, save_sharded_checkpoint)
-    from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
+    from qlora.checkpoint import (capture_rng, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                                  save_sharded_checkpoint)
+    from qlora.data import PackedShards, StreamOrder, step_micro_batches
     from qlora.loss import count_label_tokens
     from qlora.model import TrainStep, apply_lora, load_base_model, resolve_compute_dtype
+    from qlora.shards import read_shard_metadata as read_metadata
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.device == "cuda":

@@ -9,7 +9,8 @@ import torch
 
 from qlora.checkpoint import capture_rng, check_fingerprint, load_checkpoint, save_checkpoint
 from qlora.config import TrainConfig
-from qlora.data import PackedShards, StreamOrder, read_metadata, step_micro_batches
+from qlora.data import PackedShards, StreamOrder, step_micro_batches
+from qlora.shards import read_shard_metadata as read_metadata
 from qlora.errors import UserError
 from qlora.model import apply_lora, forward_loss, load_base_model
 from qlora.rundir import list_checkpoints

@@ -64,7 +64,8 @@ SHARDABLE = dict(quant_storage=torch.float32)
 
 
 def two_rows(data_dir) -> dict:
-    from qlora.data import PackedShards, read_metadata
+    from qlora.data import PackedShards
+    from qlora.shards import read_shard_metadata as read_metadata
 
     rows = PackedShards(data_dir, "train", read_metadata(data_dir))
     return {k: torch.from_numpy(v) for k, v in rows.rows([(0, 0), (0, 1)]).items()}
@@ -197,7 +198,8 @@ def test_evaluation_runs_as_many_forwards_on_every_rank(untied_model_dir, fsdp_r
     """5 validation micro-batches over 2 ranks: both run 3 forwards, and the filler adds no loss and no label."""
     import math
 
-    from qlora.data import PackedShards, eval_micro_batches, read_metadata
+    from qlora.data import PackedShards, eval_micro_batches
+    from qlora.shards import read_shard_metadata as read_metadata
 
     rows = PackedShards(fsdp_rows, "train", read_metadata(fsdp_rows))
     mine = [list(eval_micro_batches(rows, 2, rank, 2, max_rows=10)) for rank in (0, 1)]

@@ -10,9 +10,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from qlora.errors import UserError
-from qlora.llama3 import (ASSISTANT_HEADER, BOS, BOS_ID, END_OF_TEXT_ID, EOT, EOT_ID, PAD_ID, START_HEADER_ID,
+from qlora.llama3 import (BOS, BOS_ID, END_OF_TEXT_ID, EOT, EOT_ID, PAD_ID, START_HEADER_ID,
                           format_chat, format_chat_prompt, format_plain)
-from qlora.packing import PackStats, Packer, TokenizedChunk, pack_documents, parse_jsonl_lines, tokenize_documents
+from qlora.packing import PackStats, TokenizedChunk, pack_documents, parse_jsonl_lines, tokenize_documents
 from qlora.shards import ROW_GROUP_ROWS, SCHEMA, ShardWriter, read_shard_metadata
 
 IGNORE = -100

@@ -471,7 +471,6 @@ def other_base_adapter(tmp_path_factory):
 
 def test_errors(tiny_model_dir, adapter_dir, other_base_adapter, vocab_file, tmp_path):
     inp = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "C4"}])
-    refs = _write_jsonl(tmp_path / "refs.jsonl", [{"prompt": "C4", "response": "C4 X9"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "C4"}\nnot json\n')
     no_weights = tmp_path / "no_weights"

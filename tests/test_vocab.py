@@ -284,7 +284,7 @@ def test_a_joiner_is_accepted_exactly_when_the_round_trip_is_exact(tmp_path):
 @pytest.mark.parametrize("joiner", ["<|eot_id|>", " <|begin_of_text|> ", "<|start_header_id|>"])
 def test_llama3_control_strings_are_refused_as_joiner(tmp_path, joiner):
     v = load_hand_vocab(write(tmp_path, "v.json", json.dumps(["a", "b"])))
-    with pytest.raises(UserError, match=rf"^--joiner .*: contains the Llama-3 control token <\|\w+\|>"):
+    with pytest.raises(UserError, match=r"^--joiner .*: contains the Llama-3 control token <\|\w+\|>"):
         v.check_text_safe(joiner)
     v.check_text_safe("<|x|>")  # control: not a Llama-3 control token
 
