@@ -273,27 +273,11 @@ def _open_run_dir(cfg: TrainConfig, dist: Dist) -> RunDir:
     run_dir = RunDir(cfg.output_dir, enabled=dist.is_main)
     if dist.is_main:
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        _clear_stale_stop_request(run_dir.stop_path)
+        run_dir.clear_stale_stop_request()
         if not run_dir.status_path.exists():  # marks RUN/ as a run directory before anything else is written
             run_dir.set_status(state="running", step=0, pid=os.getpid())
     dist.barrier()
     return run_dir
-
-
-def _clear_stale_stop_request(stop_path: Path) -> None:
-    """A stop request left by the previous job must not stop this one; one made since this job started must stand
-    (a USR1 or a `touch` while finetune.sbatch was still setting up). finetune.sbatch exports the job's start as
-    QLORA_JOB_STARTED_AT (seconds since the epoch); run by hand, any request made before the run directory is
-    opened is stale."""
-    try:
-        started = float(os.environ.get("QLORA_JOB_STARTED_AT", ""))
-    except ValueError:
-        started = time.time()
-    try:
-        if stop_path.stat().st_mtime < started:
-            stop_path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _resume_point(cfg: TrainConfig, run_dir: RunDir, dist: Dist) -> Path | None:

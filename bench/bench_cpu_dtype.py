@@ -40,7 +40,7 @@ def child(work: Path, dtype: str, lmhead: str, steps: int) -> dict:
     import qlora.loss as loss_module
     import qlora.model as model_module
     from qlora.data import PackedShards, StreamOrder, step_micro_batches
-    from qlora.shards import read_shard_metadata as read_metadata
+    from qlora.shards import read_shard_metadata
     from qlora.model import apply_lora, forward_loss, load_base_model, resolve_compute_dtype
 
     torch.set_num_threads(1)
@@ -53,7 +53,7 @@ def child(work: Path, dtype: str, lmhead: str, steps: int) -> dict:
                                            targets[i:i + chunk_size], use_reentrant=False)
             return total
         model_module.linear_cross_entropy_sum = checkpointed
-    meta = read_metadata(work / "tokens")
+    meta = read_shard_metadata(work / "tokens")
     order = StreamOrder(PackedShards(work / "tokens", "train", meta), seed=1)
     compute_dtype = resolve_compute_dtype(dtype, "cpu", native_cpu_bf16=True)
     model = apply_lora(load_base_model(work / "tiny", quantize="nf4", compute_dtype=compute_dtype), r=16, alpha=32)

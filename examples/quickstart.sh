@@ -12,13 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The venv's python when the venv is not active (as finetune.sbatch finds it); a one-line error without one.
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python
-  if ! python -c 'import torch' 2>/dev/null && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
-fi
-"$PYTHON" -c 'import torch' 2>/dev/null ||
-  { echo "quickstart.sh: $PYTHON lacks the requirements: run 'bash install_prereqs' then 'source .venv/bin/activate'" >&2; exit 1; }
+# $PYTHON, else the active python, else the venv's (as finetune.sbatch finds it): the first that imports torch.
+if [ -n "${PYTHON:-}" ]; then candidates=("$PYTHON"); else candidates=(python .venv/bin/python); fi
+for PYTHON in "${candidates[@]}"; do
+  "$PYTHON" -c 'import torch' 2>/dev/null && break
+  [ "$PYTHON" != "${candidates[-1]}" ] ||
+    { echo "quickstart.sh: $PYTHON lacks the requirements: run 'bash install_prereqs' then 'source .venv/bin/activate'" >&2; exit 1; }
+done
 OUT=${OUT:-examples/out}
 SAMPLE=${SAMPLE:-examples/sample}
 # Tiny model: 2 blocks of width 256. --init-std 0.1 instead of Llama's 0.02: with LoRA only, the final norm and

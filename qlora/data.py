@@ -23,8 +23,9 @@ COLUMNS = ("input_ids", "labels", "doc_lens")
 
 
 def check_data(data_dir: str | os.PathLike, model_dir: str | os.PathLike, model_config: dict, tokenizer) -> dict:
-    """shards.read_shard_metadata (metadata.json checked against every shard's parquet footer), and refuse data this model cannot train on: shards made with another tokenizer, rows longer
-    than its context, an empty train split. Returns the metadata."""
+    """shards.read_shard_metadata (metadata.json checked against every shard's parquet footer), and refuse data
+    this model cannot train on: shards made with another tokenizer, rows longer than its context, an empty train
+    split. Returns the metadata."""
     from .llama3 import tokenizer_fingerprint
     from .shards import read_shard_metadata
 

@@ -17,6 +17,7 @@ a run directory (check_run_dir); runs from before that key are known by their "s
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -88,6 +89,21 @@ class RunDir:
         self.stop_path = self.path / STOP_FILE
         self.adapter_path = self.path / ADAPTER_DIR
         self.status: dict = {"stage": STAGE}
+
+    def clear_stale_stop_request(self) -> None:
+        """A stop request left by the previous job must not stop this one; one made since this job started must
+        stand (a USR1 or a `touch` while finetune.sbatch was still setting up). finetune.sbatch exports the job's
+        start as QLORA_JOB_STARTED_AT (seconds since the epoch); run by hand, any request made before the run
+        directory is opened is stale."""
+        try:
+            started = float(os.environ.get("QLORA_JOB_STARTED_AT", ""))
+        except ValueError:
+            started = time.time()
+        try:
+            if self.stop_path.stat().st_mtime < started:
+                self.stop_path.unlink()
+        except FileNotFoundError:
+            pass
 
     def set_status(self, **fields) -> None:
         self.status.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))

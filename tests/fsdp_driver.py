@@ -130,7 +130,7 @@ def main() -> None:
     from qlora.data import PackedShards, StreamOrder, step_micro_batches
     from qlora.loss import count_label_tokens
     from qlora.model import TrainStep, apply_lora, load_base_model, resolve_compute_dtype
-    from qlora.shards import read_shard_metadata as read_metadata
+    from qlora.shards import read_shard_metadata
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.device == "cuda":
@@ -151,7 +151,7 @@ def main() -> None:
             dist.all_reduce(t)
         return t.tolist()
 
-    meta = read_metadata(args.data)
+    meta = read_shard_metadata(args.data)
     rows = PackedShards(args.data, "train", meta)
     order = StreamOrder(rows, seed=args.seed)
     rows_per_step = args.micro_batch_size * args.grad_accum * world

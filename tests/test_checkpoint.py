@@ -10,7 +10,7 @@ import torch
 from qlora.checkpoint import capture_rng, check_fingerprint, load_checkpoint, save_checkpoint
 from qlora.config import TrainConfig
 from qlora.data import PackedShards, StreamOrder, step_micro_batches
-from qlora.shards import read_shard_metadata as read_metadata
+from qlora.shards import read_shard_metadata
 from qlora.errors import UserError
 from qlora.model import apply_lora, forward_loss, load_base_model
 from qlora.rundir import list_checkpoints
@@ -35,7 +35,7 @@ def rows_dir(tmp_path_factory, tiny_model_dir):
 
 
 def test_checkpoint_restores_weights_optimizer_scheduler_and_rng_exactly(tiny_model_dir, rows_dir, tmp_path):
-    shards = PackedShards(rows_dir, "train", read_metadata(rows_dir))
+    shards = PackedShards(rows_dir, "train", read_shard_metadata(rows_dir))
     batch = {k: torch.from_numpy(v) for k, v in shards.rows([(0, 0), (0, 1)]).items()}
     model, params, optimizer, scheduler = lora_setup(tiny_model_dir)
     for _ in range(2):
@@ -153,7 +153,7 @@ def test_adapter_round_trip_through_plain_peft(tiny_model_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- data position
 def test_ranks_get_disjoint_rows_covering_the_global_step_independent_of_world_size(rows_dir):
-    shards = PackedShards(rows_dir, "train", read_metadata(rows_dir))
+    shards = PackedShards(rows_dir, "train", read_shard_metadata(rows_dir))
     assert len(shards) == 21 and len(shards.groups) == 6
     order = StreamOrder(shards, seed=7)
     epoch0 = order.epoch_order(0)
@@ -174,7 +174,7 @@ def test_ranks_get_disjoint_rows_covering_the_global_step_independent_of_world_s
 
 
 def test_shards_are_read_by_row_group_not_whole(rows_dir, monkeypatch):
-    shards = PackedShards(rows_dir, "train", read_metadata(rows_dir))
+    shards = PackedShards(rows_dir, "train", read_shard_metadata(rows_dir))
     reads = []
     for pf in shards._files.values():
         original = pf.read_row_group

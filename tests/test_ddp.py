@@ -25,11 +25,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_model_d
     absolute and all within 5e-4, a tenth of one update at lr 5e-3 (only summation order differs: gradients are
     all-reduced instead of accumulated in one process; measured 1.9e-6 at most on one install, while on another and
     on the CI host 2 of 262,144 weights moved 5.0e-5: Adam's update m/(sqrt(v)+eps) turns a last-bit difference in a
-    gradient near eps into a visible one). Across the two ranks the LoRA weights must be bit-identical (sha256 of their bytes, checked at every
-    checkpoint). The optimizer is plain AdamW: the default 8-bit AdamW rounds its state to 256-level blocks, so a
-    gradient that differs in the 8th digit can move one weight by a whole level (seen: one of 16,384 weights by 1.5e-4
-    at lr 5e-3); that compares the optimizer's rounding, not DDP. The 8-bit optimizer under DDP is covered by the
-    bit-identical ranks here and in the GPU test (tests/test_gpu.py).
+    gradient near eps into a visible one). Across the two ranks the LoRA weights must be bit-identical (sha256 of
+    their bytes, checked at every checkpoint). The optimizer is plain AdamW: the default 8-bit AdamW rounds its
+    state to 256-level blocks, so a gradient that differs in the 8th digit can move one weight by a whole level
+    (seen: one of 16,384 weights by 1.5e-4 at lr 5e-3); that compares the optimizer's rounding, not DDP. The 8-bit
+    optimizer under DDP is covered by the bit-identical ranks here and in the GPU test (tests/test_gpu.py).
     """
     common = ["--model", tiny_model_dir, "--data", finetune_task_data, "--micro-batch-size", 1, "--max-steps", 3,
               "--save-every", 2, "--eval-every", 3, "--lr", "5e-3", "--seed", 0, "--device", "cpu",

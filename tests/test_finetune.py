@@ -182,20 +182,23 @@ def test_stop_request_older_than_the_job_is_cleared_a_newer_one_kept(tmp_path, m
     """finetune.sbatch exports the job's start (QLORA_JOB_STARTED_AT): a stop_requested written before it is the
     previous job's and is deleted; one written since (a USR1 or a touch during the job's setup) stops this run. Run
     by hand (no variable), any request found when the run directory opens is stale."""
-    stop = tmp_path / "stop_requested"
+    from qlora.rundir import RunDir
+
+    run_dir = RunDir(tmp_path, enabled=True)
+    stop = run_dir.stop_path
     stop.touch()
     os.utime(stop, (1000.0, 1000.0))
     monkeypatch.setenv("QLORA_JOB_STARTED_AT", "999.5")
-    finetune._clear_stale_stop_request(stop)
+    run_dir.clear_stale_stop_request()
     assert stop.exists(), "a request made after the job started was deleted"
     monkeypatch.setenv("QLORA_JOB_STARTED_AT", "1000.5")
-    finetune._clear_stale_stop_request(stop)
+    run_dir.clear_stale_stop_request()
     assert not stop.exists(), "the previous job's request was kept"
     stop.touch()
     monkeypatch.delenv("QLORA_JOB_STARTED_AT")
-    finetune._clear_stale_stop_request(stop)
+    run_dir.clear_stale_stop_request()
     assert not stop.exists()
-    finetune._clear_stale_stop_request(stop)  # nothing to clear
+    run_dir.clear_stale_stop_request()  # nothing to clear
 
 
 @pytest.mark.slow

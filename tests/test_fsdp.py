@@ -65,9 +65,9 @@ SHARDABLE = dict(quant_storage=torch.float32)
 
 def two_rows(data_dir) -> dict:
     from qlora.data import PackedShards
-    from qlora.shards import read_shard_metadata as read_metadata
+    from qlora.shards import read_shard_metadata
 
-    rows = PackedShards(data_dir, "train", read_metadata(data_dir))
+    rows = PackedShards(data_dir, "train", read_shard_metadata(data_dir))
     return {k: torch.from_numpy(v) for k, v in rows.rows([(0, 0), (0, 1)]).items()}
 
 
@@ -199,9 +199,9 @@ def test_evaluation_runs_as_many_forwards_on_every_rank(untied_model_dir, fsdp_r
     import math
 
     from qlora.data import PackedShards, eval_micro_batches
-    from qlora.shards import read_shard_metadata as read_metadata
+    from qlora.shards import read_shard_metadata
 
-    rows = PackedShards(fsdp_rows, "train", read_metadata(fsdp_rows))
+    rows = PackedShards(fsdp_rows, "train", read_shard_metadata(fsdp_rows))
     mine = [list(eval_micro_batches(rows, 2, rank, 2, max_rows=10)) for rank in (0, 1)]
     assert [len(b) for b in mine] == [3, 2]  # dealt round-robin: rank 1 is one short
     per_rank = math.ceil(5 / 2)
