@@ -141,7 +141,7 @@ case "$PHASE" in
     # Llama-3-70B's width with 4 of its 80 blocks at seq 8192: one process (tokens/s, MFU, memory) and FSDP over 2
     # processes (memory per process, load peak), each beside the estimator.
     # Table last; OUT/fsdp.json, OUT/fsdp_runs.log (every run's output).
-    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s 400
+    python3 bench/fsdp_bench.py --out "$OUT" --layers 4 --budget-s ${FSDP_BUDGET_S:-480} ${FSDP_ARGS:-}
     ;;
   fsdp_diag)
     # issue 12 (<= ~2.5 min): where 2 FSDP ranks on cuda:0 (gloo) crash, stage by stage from plain nn.Linear to the fast

@@ -6,14 +6,17 @@
    needs them (NCCL refuses two ranks on one device).
 2. equality on the fast path: a small Llama-3-shaped model (hidden 512, 4 untied blocks, rows of 512 tokens) with
    Liger's kernels, the fused SwiGLU+down, bf16 LoRA addmm, flex attention, the fused linear-CE and 2 of 4 blocks
-   recomputed: one process with grad-accum 2 against 2 FSDP ranks on cuda:0 (gloo), 4 steps (tests/fsdp_driver.py).
+   recomputed: one process with grad-accum 2 against 2 FSDP ranks on cuda:0 (gloo), 4 steps (tests/fsdp_driver.py);
+   and, to tell the sharding from the rest, FSDP over a group of one and one process with the 4-bit bytes stored
+   as bf16 (as FSDP needs them), each with grad-accum 2.
    Should the 2 ranks fail (the first H200 call's SIGSEGV; bench/fsdp_diag.py bisects it), they run once more with
    FSDP's collectives staged through CPU tensors (fsdp_driver.py --stage-through-cpu, a harness device only), and the
    70B-wide FSDP run below does the same; the table says so.
 3. Llama-3-70B's width with --layers of its 80 blocks (bench/build_8b_checkpoint.py --shape 70b; a whole random
    70B does not fit the machine's disk), seq 8192, LoRA r=64 on the 7 projections, paged 8-bit AdamW, fast path,
-   no recompute: one process (tokens/s, MFU, peak memory) and FSDP over 2 processes on cuda:0 (peak memory per
-   process, and the peak while loading; its speed through gloo and one shared GPU means nothing). Each measured
+   no recompute: one process (tokens/s, MFU, peak memory; --skip-big-one leaves it out) and FSDP over 2 processes on
+   cuda:0 with 0 and 2 blocks recomputed (peak memory per process, by part of the step, and the peak while loading;
+   its speed through gloo and one shared GPU means nothing). Each measured
    peak is set beside estimate_memory for the same configuration (target: within 10%).
 Prints a table last and writes OUT/fsdp.json; every run's output goes to OUT/fsdp_runs.log.
 """
@@ -131,12 +134,41 @@ def model_flops_per_token(cfg: dict, data_dir: Path, lora_r: int) -> float:
     return f["model_flops"] / (seq * len(segments))
 
 
+def print_equality(report: dict) -> None:
+    for key, label in (("equality", "2 FSDP ranks vs 1 process"), ("fsdp_2_ranks_vs_1_rank", "2 FSDP ranks vs FSDP over 1 rank"),
+                       ("fsdp_1_rank_vs_no_fsdp_float_storage", "FSDP over 1 rank vs 1 process (bf16-stored 4-bit)"),
+                       ("float_vs_uint8_storage", "1 process: bf16-stored vs uint8-stored 4-bit")):
+        eq = report.get(key)
+        if eq:
+            print(f"fast path, {label} (4 steps): max relative loss difference {eq['max_rel_loss_diff']:.2e} "
+                  f"(step 1: {abs(eq['losses_one_process']['1'] - eq['losses_fsdp']['1']) / eq['losses_one_process']['1']:.2e}), "
+                  f"max |LoRA difference| {eq['max_abs_lora_diff']:.2e} of weights up to {eq['max_abs_lora']:.3f}; "
+                  f"bit-identical adapters: {eq['torch_equal_all']}")
+        else:
+            print(f"fast path, {label}: not measured (see OUT/fsdp_runs.log)")
+    mism = report.get("gathered_mismatches_per_rank")
+    if mism and all(mism):
+        for rank, counts in enumerate(mism):
+            bad = {k: v for k, v in counts.items() if v}
+            print(f"rank {rank}: {len(counts)} gathered weights checked bit for bit at their first forward; "
+                  f"differing: {len(bad)}" + (f" {dict(list(bad.items())[:8])}" if bad else ""))
+    rows = report.get("row_losses")
+    if rows and rows.get("one_process") and rows.get("fsdp_2_ranks"):
+        one, two = rows["one_process"][0], rows["fsdp_2_ranks"]
+        for step in sorted(one, key=int)[:2]:
+            print(f"step {step} loss sums per row: 1 process {one[step]}; FSDP ranks {[r.get(step) for r in two]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/fsdp-bench")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting runs after this long")
+    ap.add_argument("--equality-only", action="store_true",
+                    help="only the probe and the equality of 2 FSDP ranks with 1 process")
+    ap.add_argument("--skip-big-one", action="store_true",
+                    help="leave out the 70B-wide one-process run (speed and MFU), e.g. when measured in an earlier call")
     args = ap.parse_args()
     import torch
 
@@ -170,21 +202,41 @@ def main() -> None:
     fast = ["--device", "cuda", "--kernels", "liger", "--attn", "flex_attention", "--checkpoint-layers", 2,
             "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
     eq1, eq2 = work / "eq_one", work / "eq_fsdp"
+    eq1_float, eq_fsdp1 = work / "eq_one_float_storage", work / "eq_fsdp_one_rank"
     runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2],
                120)
     staged = []  # becomes ["--stage-through-cpu"] if gloo's CUDA path fails under FSDP and the staged one does not
     if report["gloo_cuda_ok"]:
         rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2,
-                                                                 "--same-gpu"], 150)
+                                                                 "--same-gpu", "--check-gathered"], 150)
         if rc != 0:
             eq2 = work / "eq_fsdp_staged"
             rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0, collectives staged through CPU",
                                [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu"], 150)
             staged = ["--stage-through-cpu"] if rc == 0 else []
+    # Should the two differ: is it the sharding (2 ranks vs FSDP over a group of one), or FSDP's code path itself
+    # (one rank vs no FSDP), or only the 4-bit bytes stored as bf16 (no FSDP either way)?
+    if not args.equality_only:
+        runner.run("equality: FSDP over 1 rank, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq_fsdp1,
+                                                                 "--grad-accum", 2, "--fsdp"], 120)
+        runner.run("equality: 1 process, grad-accum 2, 4-bit bytes stored as bf16",
+                   [sys.executable, DRIVER, *fast, "--out", eq1_float, "--grad-accum", 2, "--quant-storage",
+                    "compute"], 120)
     report["fsdp_collectives_staged_through_cpu"] = bool(staged)
-    if driver_result(eq1) and driver_result(eq2):
-        report["equality"] = compare_runs(driver_result(eq1), driver_result(eq2), eq1, eq2)
+    pairs = {"equality": (eq1, eq2), "fsdp_2_ranks_vs_1_rank": (eq_fsdp1, eq2),
+             "fsdp_1_rank_vs_no_fsdp_float_storage": (eq1_float, eq_fsdp1), "float_vs_uint8_storage": (eq1, eq1_float)}
+    for key, (a, b) in pairs.items():
+        if driver_result(a) and driver_result(b):
+            report[key] = compare_runs(driver_result(a), driver_result(b), a, b)
+    if driver_result(eq2):
+        res2 = driver_result(eq2)
+        report["gathered_mismatches_per_rank"] = res2.get("gathered_mismatches_per_rank")
+        report["row_losses"] = {"one_process": (driver_result(eq1) or {}).get("micro_losses_per_rank"),
+                                "fsdp_2_ranks": res2.get("micro_losses_per_rank")}
     (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")  # so far, should the call run out of time
+    if args.equality_only:
+        print_equality(report)
+        return
 
     # 3. 70B width, few blocks
     big = work / f"llama3-70b-width-{args.layers}"
@@ -202,24 +254,29 @@ def main() -> None:
     measured = []
     if cfg:
         one = work / "big_one"
-        runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
+        if not args.skip_big_one:
+            runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
+        fsdp_runs = {0: work / "big_fsdp", 2: work / "big_fsdp_ckpt2"}  # blocks recomputed -> run directory
         if report["gloo_cuda_ok"]:
-            two = work / "big_fsdp"
-            runner.run("70B-wide: FSDP, 2 processes on cuda:0", [*torchrun(2), DRIVER, *flags, "--steps", 3,
-                                                                  "--out", two, "--same-gpu", *staged], 240)
+            for n_ckpt, run_dir in fsdp_runs.items():
+                runner.run(f"70B-wide: FSDP, 2 processes on cuda:0, {n_ckpt} blocks recomputed",
+                           [*torchrun(2), DRIVER, *flags, "--checkpoint-layers", n_ckpt, "--steps", 3,
+                            "--out", run_dir, "--same-gpu", *staged], 240)
         flops_tok = model_flops_per_token(cfg, rows8k, 64)
-        for name, run_dir, world, parallelism in (("1 process", one, 1, "ddp"),
-                                                   ("FSDP 2 processes", work / "big_fsdp", 2, "fsdp")):
+        configs = [("1 process", one, 1, "ddp", 0)] + [
+            (f"FSDP 2 processes, {n} blocks recomputed", d, 2, "fsdp", n) for n, d in fsdp_runs.items()]
+        for name, run_dir, world, parallelism, n_ckpt in configs:
             res = driver_result(run_dir)
             if not res:
                 continue
-            est = estimate_memory(cfg, world_size=world, parallelism=parallelism, **recipe)
+            est = estimate_memory(cfg, world_size=world, parallelism=parallelism, **{**recipe, "checkpoint_layers": n_ckpt})
             mem = res["memory_per_rank"]
             entry = {"config": name, "world_size": world, "tokens_per_s": res["tokens_per_s"],
                      "step_times_s": res["step_times_s"], "losses": res["losses"],
                      "peak_reserved_gib": max(m["peak_reserved_gib"] for m in mem),
                      "peak_allocated_gib": max(m["peak_allocated_gib"] for m in mem),
                      "load_peak_allocated_gib": max(m["load_peak_allocated_gib"] for m in mem),
+                     "phase_peaks_gib": [m.get("phase_peaks_gib") for m in mem],
                      "est_peak_reserved_gib": est.peak_reserved_bytes / GiB,
                      "est_peak_allocated_gib": est.peak_allocated_bytes / GiB,
                      # load_bytes counts the allocator slack and the CUDA context: compare what torch allocated
@@ -237,13 +294,7 @@ def main() -> None:
     print(f"\nFSDP bench on {gpu} (torch {torch.__version__}); gloo on CUDA: "
           f"{'ok' if report['gloo_cuda_ok'] else 'FAILED ' + str(report.get('gloo_cuda_error'))}"
           + ("; FSDP's collectives STAGED THROUGH CPU (the plain 2-rank run failed)" if staged else ""))
-    eq = report.get("equality")
-    if eq:
-        print(f"fast path, 2 FSDP ranks vs 1 process (4 steps): max relative loss difference "
-              f"{eq['max_rel_loss_diff']:.2e} (target <= 1e-5), max |LoRA difference| {eq['max_abs_lora_diff']:.2e} "
-              f"of weights up to {eq['max_abs_lora']:.3f}; bit-identical adapters: {eq['torch_equal_all']}")
-    else:
-        print("fast path equality: not measured (see OUT/fsdp_runs.log)")
+    print_equality(report)
     print(f"\n| 70B width, {args.layers} blocks, seq 8192 | tokens/s | MFU | peak reserved GiB (est, diff) | "
           f"peak allocated GiB (est, diff) | load peak allocated GiB (est) |")
     print("|---|---|---|---|---|---|")
@@ -256,6 +307,11 @@ def main() -> None:
                 if m.get("est_load_allocated_gib") else f"{m['load_peak_allocated_gib']:.2f}")
         print(f"| {m['config']} | {tps} | {mfu} | {cell(m['peak_reserved_gib'], m['est_peak_reserved_gib'])} | "
               f"{cell(m['peak_allocated_gib'], m['est_peak_allocated_gib'])} | {load} |")
+    for m in measured:
+        phases = (m.get("phase_peaks_gib") or [None])[0]
+        if phases:
+            print(f"{m['config']}, rank 0, peak allocated / reserved GiB by part of the step: "
+                  + ", ".join(f"{k} {v['allocated']:.2f} / {v['reserved']:.2f}" for k, v in phases.items()))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ What is taken from the libraries and what is not:
     norms and LoRA weights, and no cast ever touches the bytes: FSDP casts every weight it gathers to param_dtype,
     which would turn bf16-stored bytes into other, meaningless ones under fp32 compute. This is the form
     bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
-  * The lm_head is used by its weight (the loss multiplies the last hidden states by it chunk by chunk, or in
-    Liger's fused kernel), never called, so FSDP's forward hooks would never gather it, and a unit that holds it
-    with a module that does run (the final norm) never completes its forward: torch 2.11 skips that unit's
-    post-forward and pre-backward logic and warns at the end of the backward that it "did not run forward before
-    backward" (2.13 completes such units at the root's post-forward instead). Its own unit is therefore
-    gathered explicitly (FSDPModule.unshard) when the final norm has run and released (reshard) when the training
-    step's forward ends: both loss paths compute the hidden states' gradient in the forward for the frozen head,
-    so the backward never reads it. Tied embeddings (one weight at both ends) stay in the root unit instead.
+  * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
+    constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
+    costs its 1/N shard plus the gathered head plus FSDP's all-gather buffer for the copy-out: more than the whole
+    head alone for any N (70B: 1.96 GiB replicated; 0.49 + 3.92 GiB at the peak sharded over 4). The loss also uses
+    it by its weight, never calling it, so no FSDP hook would gather it. The input embeddings are sharded and
+    gathered at the start of the forward, when the activations are still small. Tied embeddings (one weight at both
+    ends) stay whole for the same reason.
   * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
     runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
     weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
@@ -95,9 +94,9 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
     """fully_shard a TrainStep(peft 4-bit LoRA model) over all ranks of the default process group, in place.
 
     Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward);
-    the input embeddings (resharded after use: the backward never needs them); the lm_head, gathered for the loss
-    alone (module doc); then the root, whose forward is the training step and which holds the final norm for the
-    whole step (a vector). Tied embeddings (one weight at both ends) stay in the root too.
+    the input embeddings (resharded after use: the backward never needs them); then the root, whose forward is the
+    training step and which holds the final norm for the whole step (a vector). The lm_head stays whole on every
+    process (module doc), tied embeddings too.
     The 4-bit weights must be stored in the compute dtype (load_base_model(..., quant_storage=compute_dtype)).
     """
     import torch.distributed as dist
@@ -128,10 +127,7 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
         m.to(device)  # back from offload_embeddings, after the blocks shrank
     if embed.weight is not head.weight:
         fully_shard(embed, reshard_after_forward=True, **kw)
-        fully_shard(head, **kw)
-        base.model.norm.register_forward_hook(lambda *_: head.unshard())  # the loss comes next
-        train_step.register_forward_hook(lambda *_: head.reshard())      # the loss is done
-    fully_shard(train_step, **kw)
+    fully_shard(train_step, ignored_params={head.weight}, **kw)
     return train_step
 
 
@@ -179,12 +175,37 @@ def _state_precision_of_the_whole_tensors(optimizer, params, shards) -> None:
 def gather_lora_state(peft_model) -> dict:
     """The whole LoRA weights (fp32, on CPU) on rank 0, {} elsewhere; a collective: every rank calls it.
 
-    Only the trainable weights are gathered (a few GiB at most); the frozen base stays sharded.
+    One weight at a time (a few MiB on the GPU), the frozen base stays sharded. Gathered with c10d's
+    all-gather rather than torch.distributed.checkpoint's full state dict: that one goes through
+    functional collectives, which crashed (SIGSEGV) on gloo with CUDA tensors, the one-GPU check of
+    bench/fsdp_bench.py (H200, torch 2.11); c10d's collective works on every backend.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
 
-    return get_model_state_dict(peft_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                      ignore_frozen_params=True))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    state = {}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not isinstance(p, DTensor):  # not sharded: already whole
+            whole = p.detach()
+        else:
+            if tuple(p.placements) != (Shard(0),):
+                raise RuntimeError(f"{name}: expected FSDP's dim-0 shards, got {p.placements}")
+            # FSDP2 shards dim 0 as torch.chunk does: ceil(rows / N) on every rank but the last ones, padded here
+            rows = p.shape[0]
+            per_rank = -(-rows // world)
+            local = p.to_local().detach()
+            padded = local.new_zeros((per_rank, *p.shape[1:]))
+            padded[:local.shape[0]] = local
+            gathered = local.new_empty((per_rank * world, *p.shape[1:]))
+            all_gather(gathered, padded)
+            whole = gathered[:rows]
+        if rank == 0:
+            state[name] = whole.to("cpu", copy=True)
+    return state
 
 
 def save_adapter(peft_model, out_dir, *, is_main: bool) -> None:

@@ -23,14 +23,15 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
   * Transient in the backward (gradient of the MLP activation and the residual stream; one recomputed block), which
     comes after the loss's transient, so the peak takes the larger of the two; the allocator's slack (expandable
     segments: ~0.4 GiB measured) on top; CUDA context (~0.5 GiB) outside the allocator.
-  * FSDP over N processes (parallelism="fsdp", qlora/fsdp.py): the 4-bit blocks, embeddings, norms, LoRA masters,
-    their gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not (bitsandbytes keeps
-    them on every Linear4bit, outside FSDP). Gathered for a while: up to three blocks (the one computing, the next
-    one prefetched, and that one's all-gather buffer until it is copied out) plus one block's unsharded bf16 LoRA
-    gradients and their fp32 copy for the reduce-scatter; the lm_head while the loss runs (the loss's phase; tied
-    embeddings: the whole step, in the root unit). No DDP buckets. Loading: qlora/fsdp.py loads the whole 4-bit model
-    on each GPU before sharding it, so the larger of "4-bit model + embeddings" and "4-bit model + whole fp32 LoRA
-    masters" (the embeddings wait on the CPU meanwhile) must fit too (`load_bytes`).
+  * FSDP over N processes (parallelism="fsdp", qlora/fsdp.py): the 4-bit blocks, input embeddings, norms, LoRA
+    masters, their gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not
+    (bitsandbytes keeps them on every Linear4bit, outside FSDP), nor is the lm_head (whole on every process: it is
+    needed whole at the peak, where sharded it would cost more; tied embeddings likewise). Gathered for a while: up to
+    three blocks (the one computing, the next one prefetched, and that one's all-gather buffer until it is copied out)
+    plus one block's unsharded bf16 LoRA gradients and their fp32 copy for the reduce-scatter. No DDP buckets.
+    Loading: qlora/fsdp.py loads the whole 4-bit model on each GPU before sharding it, so the larger of "4-bit model +
+    embeddings" and "4-bit model + whole fp32 LoRA masters" (the embeddings wait on the CPU meanwhile) must fit too
+    (`load_bytes`).
   * Not counted: NCCL's own buffers (outside PyTorch's allocator, not measured here; the 90% budget leaves room).
 """
 from __future__ import annotations
@@ -168,7 +169,15 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     unq_dtype = 4 if upcast else 2
     n_emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
     n_norm = (2 * layers + 1) * h
-    rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype // shards, True, f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params{of}"))
+    dtype_note = f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params"
+    if shards > 1 and not cfg.get("tie_word_embeddings"):
+        rows.append(("input embeddings (unquantised)", v * h * unq_dtype // shards, True,
+                     f"{'fp32' if upcast else 'bf16'}, {v * h / 1e9:.2f}B params{of}"))
+        rows.append(("lm_head (unquantised)", v * h * unq_dtype, True,
+                     f"{'fp32' if upcast else 'bf16'}, {v * h / 1e9:.2f}B params, whole on every process"))
+    else:  # one process per model, or tied (one weight at both ends, whole on every process: qlora/fsdp.py)
+        rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype, True,
+                     dtype_note + (", whole on every process" if shards > 1 else "")))
     rows.append(("norms", n_norm * unq_dtype // shards, True, ""))
     trainable = lora_trainable_params(cfg, lora_r, lora_targets)
     est.trainable_params, est.base_params = trainable, base_linear + n_emb + n_norm
@@ -180,16 +189,12 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     state = (trainable * (2 + 8 / 2048) if "8bit" in optimizer else trainable * 8) / shards
     rows.append((f"optimizer state ({optimizer})", int(state), not paged, ("2 x uint8 per param" if "8bit" in optimizer else "2 x fp32 per param") + of))
     # FSDP: what is gathered whole for a while (see the module doc)
-    head_gathered = v * h * unq_dtype if fsdp and shards > 1 else 0
     blocks_gathered = lora_grad_buffers = 0
     if fsdp and shards > 1:
         block_weights = base_bytes // layers + 2 * h * unq_dtype
         block_lora = trainable // layers
         blocks_gathered = 3 * (block_weights + 2 * block_lora)
         lora_grad_buffers = block_lora * (2 + 4)
-        if cfg.get("tie_word_embeddings"):  # in the root unit with the embeddings: gathered for the whole step
-            rows.append(("FSDP: embeddings + lm_head gathered (tied)", head_gathered, True, "the whole step"))
-            head_gathered = 0
     static = sum(b for _, b, inside, _ in rows if inside)
 
     per_tok = activation_bytes_per_token(cfg, kernels=kernels, fused_mlp=fused_mlp, lora_r=lora_r,
@@ -217,13 +222,11 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         chunk = min(loss_chunk_size, tokens)
         loss_b = tokens * 2 * h + chunk * v * (2 + 4 + 4 + 2)
         rows.append((f"loss: chunked CE, {chunk}-token logits", loss_b, True, "bf16 + fp32 logits and their gradient"))
-    if head_gathered:
-        rows.append(("FSDP: lm_head gathered (loss phase)", head_gathered, True, "while the loss runs"))
     # The loss's transient (at the start of the backward) and the blocks' (recompute, activation gradients) come one
     # after the other: the peak is the larger of the two on top of everything saved.
     blocks_phase = ((block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)
                     + blocks_gathered + lora_grad_buffers)
-    peak = static + saved + max(loss_b + head_gathered, blocks_phase)
+    peak = static + saved + max(loss_b, blocks_phase)
     est.peak_allocated_bytes = int(peak)
     est.peak_reserved_bytes = int(peak + ALLOCATOR_SLACK_BYTES)
     rows.append(("allocator slack (reserved - allocated)", ALLOCATOR_SLACK_BYTES, True, "expandable segments"))

@@ -96,6 +96,41 @@ def lora_staged_through_cpu(peft_model) -> dict:
     return state
 
 
+def check_gathered(peft_model):
+    """Before sharding: a copy of every weight. Returns ({weight name: differing elements}, install): install(), once
+    sharded, adds forward pre-hooks (after FSDP's gather) that fill the dict at the first forward of each block and of
+    the embeddings, comparing bit for bit (LoRA masters after their cast to the compute dtype)."""
+    base = peft_model.get_base_model()
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    counts: dict = {}
+
+    def hook(module, _args):
+        if getattr(module, "_checked", False):
+            return
+        module._checked = True
+        for name, p in module.named_parameters():
+            full = module._prefix + name
+            want = before[full]
+            if want.is_floating_point() and want.dtype != p.dtype:
+                want = want.to(p.dtype)
+            got = p.detach()
+            if got.shape != want.shape:
+                counts[full] = f"shape {tuple(got.shape)} vs {tuple(want.shape)}"
+                continue
+            width = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+            counts[full] = int((got.contiguous().view(width) != want.contiguous().view(width)).sum())
+
+    def install():
+        from qlora.speed import decoder_layers
+
+        named = dict(peft_model.named_modules())
+        for module in [*decoder_layers(base), base.get_input_embeddings()]:
+            module._prefix = next(k for k, m in named.items() if m is module) + "."
+            module.register_forward_pre_hook(hook)
+
+    return counts, install
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -119,6 +154,15 @@ def main() -> None:
     ap.add_argument("--kernels", default="none", choices=["none", "liger"])
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--checkpoint-layers", type=int, default=-1)
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--fsdp", action="store_true",
+                    help="shard even as one process (a group of one): FSDP's code path without a second rank")
+    ap.add_argument("--check-gathered", action="store_true",
+                    help="sharded: compare every weight FSDP gathers for the first forward with the weight before "
+                         "sharding, bit for bit (LoRA masters after their cast to the compute dtype)")
+    ap.add_argument("--quant-storage", default="auto", choices=["auto", "uint8", "compute"],
+                    help="dtype of the packed 4-bit bytes; auto: the compute dtype when sharded (FSDP needs it), "
+                         "else uint8")
     args = ap.parse_args()
 
     import bitsandbytes as bnb
@@ -138,9 +182,10 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    sharded = world > 1
+    sharded = world > 1 or args.fsdp
     if sharded:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **({} if world > 1 else dict(init_method="tcp://127.0.0.1:0", rank=0,
+                                                                          world_size=1)))
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +202,11 @@ def main() -> None:
     rows_per_step = args.micro_batch_size * args.grad_accum * world
 
     torch.manual_seed(args.seed)
-    compute_dtype = resolve_compute_dtype("auto", device)
+    compute_dtype = resolve_compute_dtype(args.compute_dtype, device)
+    storage = {"auto": compute_dtype if sharded else torch.uint8, "uint8": torch.uint8,
+               "compute": compute_dtype}[args.quant_storage]
     base = load_base_model(args.model, attn_implementation=args.attn, device=device, compute_dtype=compute_dtype,
-                           quant_storage=compute_dtype if sharded else torch.uint8)
+                           quant_storage=storage)
     if sharded:
         fsdp.offload_embeddings(base)
     model = apply_lora(base, r=args.lora_r, alpha=16, seed=args.seed, checkpoint_layers=args.checkpoint_layers,
@@ -171,7 +218,10 @@ def main() -> None:
         return bnb.optim.PagedAdamW8bit(params, lr=args.lr, min_8bit_size=args.min_8bit_size)
 
     if sharded:
+        mismatches, install = check_gathered(model) if args.check_gathered else (None, None)
         step_fn = fsdp.shard(step_fn, device)
+        if install:
+            install()
         if args.stage_through_cpu:
             stage_through_cpu(step_fn)
         trainable = [p for p in model.parameters() if p.requires_grad]  # now DTensors
@@ -192,7 +242,20 @@ def main() -> None:
                      **({"world_size": world} if sharded else {}))
         step, rows_consumed = state["step"], state["rows_consumed"]
 
-    losses, times = {}, []
+    phase_peaks = {}  # GiB: the highest allocated / reserved seen in each part of a step, every step
+
+    def mark(phase):
+        if device.type != "cuda":
+            return
+        got = phase_peaks.setdefault(phase, [0.0, 0.0])
+        got[0] = max(got[0], torch.cuda.max_memory_allocated(device) / 2**30)
+        got[1] = max(got[1], torch.cuda.max_memory_reserved(device) / 2**30)
+        overall[0] = max(overall[0], got[0])
+        overall[1] = max(overall[1], got[1])
+        torch.cuda.reset_peak_memory_stats(device)
+
+    overall = [0.0, 0.0]
+    losses, times, micro_losses = {}, [], {}
     while step < args.steps:
         t0 = time.perf_counter()
         micro = step_micro_batches(order, rows_consumed, args.micro_batch_size, args.grad_accum, rank, world)
@@ -203,8 +266,11 @@ def main() -> None:
         local_loss = 0.0
         for mb in micro:
             loss_sum, _ = step_fn(**{k: torch.from_numpy(v).to(device) for k, v in mb.items()})
+            mark("forward")
             (loss_sum * scale).backward()
+            mark("backward")
             local_loss += float(loss_sum.detach())
+            micro_losses.setdefault(step + 1, []).append(float(loss_sum.detach()))
         if args.stage_through_cpu:
             clip_staged_through_cpu(trainable, 1.0)
         else:
@@ -212,6 +278,7 @@ def main() -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("clip + optimizer")
         step += 1
         rows_consumed += rows_per_step
         (total_loss,) = all_reduce_sum([local_loss])
@@ -244,18 +311,24 @@ def main() -> None:
         model.save_pretrained(str(out / "adapter"))
     mem = {}
     if device.type == "cuda":
-        mem = {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-               "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        mark("gather adapter")
+        mem = {"peak_allocated_gib": overall[0], "peak_reserved_gib": overall[1],
+               "phase_peaks_gib": {k: {"allocated": a, "reserved": r} for k, (a, r) in phase_peaks.items()},
                "load_peak_allocated_gib": load_peak / 2**30, "after_load_allocated_gib": after_load / 2**30}
-    per_rank = [mem]
+    mine = {"memory": mem, "micro_losses": micro_losses, "rank": rank}
+    if sharded and args.check_gathered:
+        mine["gathered_mismatches"] = mismatches
+    per_rank = [mine]
     if sharded:
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, mem)
+        dist.all_gather_object(per_rank, mine)
     if rank == 0:
         seq = int(meta["max_len"])
         timed = times[1:] or times  # the first step compiles kernels and warms the allocator
         (out / "result.json").write_text(json.dumps({
-            "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": per_rank,
+            "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": [r["memory"] for r in per_rank],
+            "micro_losses_per_rank": [r["micro_losses"] for r in per_rank],
+            "gathered_mismatches_per_rank": [r.get("gathered_mismatches") for r in per_rank],
             "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
             "resumed_from": args.resume, "staged_through_cpu": args.stage_through_cpu}, indent=2) + "\n")
     if sharded:

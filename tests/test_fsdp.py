@@ -131,11 +131,11 @@ def test_float_storage_keeps_the_same_bytes_and_loss(untied_model_dir, fsdp_rows
     assert float(loss8) == float(lossf)
 
 
-def test_lm_head_is_gathered_for_the_loss_alone(one_process_group, untied_model_dir, tiny_model_dir, fsdp_rows,
-                                                caplog):
-    """forward_loss uses the lm_head by its weight and never calls it: its own unit is gathered when the final norm
-    has run and released when the step's forward ends, and FSDP finds every unit's forward complete (no "did not run
-    forward before backward"). Tied embeddings stay in the root unit (control: gathered through the whole step)."""
+def test_lm_head_stays_whole_and_the_rest_is_sharded(one_process_group, untied_model_dir, tiny_model_dir, fsdp_rows,
+                                                      caplog):
+    """The lm_head stays a plain whole weight on every process (it is needed whole at the peak, and the loss uses it by
+    its weight, so no FSDP hook would gather it); the embeddings, blocks and final norm are sharded; FSDP finds every
+    unit's forward complete (no "did not run forward before backward"). Tied embeddings stay whole too."""
     import logging
 
     from torch.distributed.tensor import DTensor
@@ -143,22 +143,54 @@ def test_lm_head_is_gathered_for_the_loss_alone(one_process_group, untied_model_
     batch = two_rows(fsdp_rows)
     model = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
     step = fsdp.shard(TrainStep(model), "cpu")
-    head = model.get_base_model().lm_head
-    gathered_in_loss = []
-    norm = model.get_base_model().model.norm
-    norm.register_forward_hook(lambda *_: gathered_in_loss.append(not isinstance(head.weight, DTensor)), prepend=False)
+    base = model.get_base_model()
+    assert not isinstance(base.lm_head.weight, DTensor)
+    for sharded in (base.model.embed_tokens.weight, base.model.norm.weight,
+                    base.model.layers[0].mlp.down_proj.lora_A.default.weight):
+        assert isinstance(sharded, DTensor)
     with caplog.at_level(logging.WARNING, logger="torch.distributed.fsdp.fully_shard"):
         for _ in range(2):
             loss, _ = step(**batch)
-            assert isinstance(head.weight, DTensor)  # released once the loss is computed
             loss.backward()
-    assert gathered_in_loss == [True, True]
+    assert base.lm_head.weight.grad is None
     assert "did not run forward" not in caplog.text
 
     tied = apply_lora(load_base_model(tiny_model_dir, **SHARDABLE), r=8)
     tied_step = fsdp.shard(TrainStep(tied), "cpu")
     tied_step(**two_rows(fsdp_rows))
     assert not isinstance(tied.get_base_model().lm_head.weight, DTensor)
+
+
+def test_gather_lora_state_undoes_uneven_dim0_shards(tmp_path):
+    """FSDP2 shards dim 0 as torch.chunk does (5 rows over 4 ranks: 2, 2, 1, 0): gather_lora_state pads, gathers
+    with c10d and trims back to the whole weights, on rank 0 only, in CPU memory. 4 gloo processes."""
+    script = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["ROOT"])
+from torch.distributed.fsdp import fully_shard
+from qlora.fsdp import gather_lora_state
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 7, bias=False))
+m[1].weight.requires_grad_(False)
+want = {k: v.clone() for k, v in m.state_dict().items()}
+fully_shard(m[0]); fully_shard(m)
+got = gather_lora_state(m)
+if dist.get_rank() == 0:
+    assert sorted(got) == ["0.bias", "0.weight"], sorted(got)
+    for k, v in got.items():
+        assert v.device.type == "cpu" and torch.equal(v, want[k]), k
+    print("GATHERED", {k: tuple(v.shape) for k, v in got.items()})
+else:
+    assert got == {}
+dist.destroy_process_group()
+"""
+    (tmp_path / "gather.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                           str(tmp_path / "gather.py")], cwd=ROOT, env={**os.environ, "ROOT": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GATHERED {'0.weight': (5, 3), '0.bias': (5,)}" in proc.stdout
 
 
 def test_shard_optimizer_steps_each_ranks_own_shards(one_process_group):
@@ -267,9 +299,12 @@ def test_fsdp_divides_what_it_shards_and_nothing_else():
 
     one, _ = rows(1, "ddp")
     four, est4 = rows(4)
-    for name in ("4-bit NF4 base (7 projections x blocks)", "embeddings + lm_head (unquantised)",
-                 "LoRA weights (fp32 masters)", "LoRA gradients (fp32)", "optimizer state (paged_adamw_8bit)"):
+    for name in ("4-bit NF4 base (7 projections x blocks)", "LoRA weights (fp32 masters)", "LoRA gradients (fp32)",
+                 "optimizer state (paged_adamw_8bit)"):
         assert four[name] == pytest.approx(one[name] / 4, abs=1)
+    # the input embeddings are sharded, the lm_head is not (needed whole at the peak: qlora/fsdp.py)
+    assert four["lm_head (unquantised)"] == four["input embeddings (unquantised)"] * 4
+    assert four["lm_head (unquantised)"] * 2 == one["embeddings + lm_head (unquantised)"]
     assert four["quantisation constants"] == one["quantisation constants"]  # bitsandbytes keeps them on every rank
     assert "DDP gradient buckets" not in four
     eight = rows(8)[1]
