@@ -256,16 +256,22 @@ def main() -> None:
         one = work / "big_one"
         if not args.skip_big_one:
             runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
-        fsdp_runs = {0: work / "big_fsdp", 2: work / "big_fsdp_ckpt2"}  # blocks recomputed -> run directory
+        # (blocks recomputed, embeddings sharded) -> run directory; qlora.fsdp keeps the embeddings whole, the
+        # third run measures the alternative (no estimate: the estimator plans what finetune.py does)
+        fsdp_runs = {(0, False): work / "big_fsdp", (2, False): work / "big_fsdp_ckpt2",
+                     (0, True): work / "big_fsdp_sharded_embeddings"}
         if report["gloo_cuda_ok"]:
-            for n_ckpt, run_dir in fsdp_runs.items():
-                runner.run(f"70B-wide: FSDP, 2 processes on cuda:0, {n_ckpt} blocks recomputed",
+            for (n_ckpt, shard_emb), run_dir in fsdp_runs.items():
+                runner.run(f"70B-wide: FSDP, 2 processes on cuda:0, {n_ckpt} blocks recomputed"
+                           + (", embeddings sharded" if shard_emb else ""),
                            [*torchrun(2), DRIVER, *flags, "--checkpoint-layers", n_ckpt, "--steps", 3,
-                            "--out", run_dir, "--same-gpu", *staged], 240)
+                            "--out", run_dir, "--same-gpu", *staged, *(["--shard-embeddings"] if shard_emb else [])],
+                           240)
         flops_tok = model_flops_per_token(cfg, rows8k, 64)
-        configs = [("1 process", one, 1, "ddp", 0)] + [
-            (f"FSDP 2 processes, {n} blocks recomputed", d, 2, "fsdp", n) for n, d in fsdp_runs.items()]
-        for name, run_dir, world, parallelism, n_ckpt in configs:
+        configs = [("1 process", one, 1, "ddp", 0, False)] + [
+            (f"FSDP 2 processes, {n} blocks recomputed" + (", embeddings sharded" if e else ""), d, 2, "fsdp", n, e)
+            for (n, e), d in fsdp_runs.items()]
+        for name, run_dir, world, parallelism, n_ckpt, shard_emb in configs:
             res = driver_result(run_dir)
             if not res:
                 continue
@@ -277,8 +283,8 @@ def main() -> None:
                      "peak_allocated_gib": max(m["peak_allocated_gib"] for m in mem),
                      "load_peak_allocated_gib": max(m["load_peak_allocated_gib"] for m in mem),
                      "phase_peaks_gib": [m.get("phase_peaks_gib") for m in mem],
-                     "est_peak_reserved_gib": est.peak_reserved_bytes / GiB,
-                     "est_peak_allocated_gib": est.peak_allocated_bytes / GiB,
+                     "est_peak_reserved_gib": None if shard_emb else est.peak_reserved_bytes / GiB,
+                     "est_peak_allocated_gib": None if shard_emb else est.peak_allocated_bytes / GiB,
                      # load_bytes counts the allocator slack and the CUDA context: compare what torch allocated
                      "est_load_allocated_gib": ((est.load_bytes - ALLOCATOR_SLACK_BYTES - CUDA_CONTEXT_BYTES) / GiB
                                                 if est.load_bytes else None),
@@ -300,7 +306,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for m in measured:
         def cell(meas, est):
-            return f"{meas:.2f} ({est:.2f}, {100 * (est - meas) / meas:+.1f}%)"
+            return f"{meas:.2f} ({est:.2f}, {100 * (est - meas) / meas:+.1f}%)" if est is not None else f"{meas:.2f}"
         mfu = f"{100 * m['mfu']:.1f}%" if "mfu" in m else "n/a (gloo)"
         tps = f"{m['tokens_per_s']:.0f}" if m["world_size"] == 1 else "n/a (gloo)"
         load = (f"{m['load_peak_allocated_gib']:.2f} ({m['est_load_allocated_gib']:.2f})"

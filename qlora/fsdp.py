@@ -7,13 +7,12 @@ weight, LoRA master, gradient and optimizer state, and gathers one decoder block
     base = load_base_model(model_dir, device=device, compute_dtype=dt, quant_storage=dt)  # NF4 packed in dt
     offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
     peft_model = apply_lora(base, ...)
-    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, head, the root
+    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, then the root
     optimizer = shard_optimizer(trainable_params, build)    # bitsandbytes 8-bit AdamW on each rank's own shards
 
 What is taken from the libraries and what is not:
   * Sharding, gathering, mixed precision and gradient reduce-scatter are FSDP2's: `fully_shard` on every decoder
-    block (one unit each: gathered just before the block runs, freed after), on the embeddings and on the lm_head,
-    then on the root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
+    block (one unit each: gathered just before the block runs, freed after), then on the root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
     the fp32 LoRA masters are gathered in bf16 (the dtype autocast computes them in anyway); on the CPU (fp32
     compute) nothing is cast. Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
     DDP's all-reduce does, so the training loop's loss scaling (world / label tokens of the global batch) gives the
@@ -23,13 +22,13 @@ What is taken from the libraries and what is not:
     norms and LoRA weights, and no cast ever touches the bytes: FSDP casts every weight it gathers to param_dtype,
     which would turn bf16-stored bytes into other, meaningless ones under fp32 compute. This is the form
     bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
-  * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
-    constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
-    costs its 1/N shard plus the gathered head plus FSDP's all-gather buffer for the copy-out: more than the whole
-    head alone for any N (70B: 1.96 GiB replicated; 0.49 + 3.92 GiB at the peak sharded over 4). The loss also uses
-    it by its weight, never calling it, so no FSDP hook would gather it. The input embeddings are sharded and
-    gathered at the start of the forward, when the activations are still small. Tied embeddings (one weight at both
-    ends) stay whole for the same reason.
+  * The embeddings and the lm_head are not sharded: every process keeps them whole (`ignored_params`), as it keeps
+    the quantisation constants. Sharded, each would be gathered whole for its use anyway, through an all-gather
+    buffer and a copy of the same size: the lm_head at the peak (the end of the forward, every activation held), where
+    that costs its 1/N shard plus twice the whole head (70B: 0.49 + 3.92 GiB over 4 processes, against 1.96 GiB
+    whole); the embeddings at the start, but the buffers stay reserved by PyTorch's allocator for FSDP's streams
+    (bench/RESULTS.md, "FSDP2 on one GPU"). The loss also uses the head by its weight, never calling it, so no FSDP
+    hook would gather it. `shard(..., shard_embeddings=True)` shards the input embeddings instead (the comparison).
   * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
     runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
     weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
@@ -90,13 +89,13 @@ def mixed_precision(compute_dtype: torch.dtype):
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
+def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = False) -> torch.nn.Module:
     """fully_shard a TrainStep(peft 4-bit LoRA model) over all ranks of the default process group, in place.
 
-    Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward);
-    the input embeddings (resharded after use: the backward never needs them); then the root, whose forward is the
-    training step and which holds the final norm for the whole step (a vector). The lm_head stays whole on every
-    process (module doc), tied embeddings too.
+    Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward),
+    then the root, whose forward is the training step and which holds the final norm for the whole step (a vector).
+    The embeddings and the lm_head stay whole on every process (module doc); shard_embeddings=True makes the input
+    embeddings a unit of their own (resharded after use: the backward never needs them), untied ones only.
     The 4-bit weights must be stored in the compute dtype (load_base_model(..., quant_storage=compute_dtype)).
     """
     import torch.distributed as dist
@@ -125,9 +124,11 @@ def shard(train_step: torch.nn.Module, device) -> torch.nn.Module:
         block.register_forward_pre_hook(_restore_quant_state(linears))
     for m in (embed, head):
         m.to(device)  # back from offload_embeddings, after the blocks shrank
-    if embed.weight is not head.weight:
+    whole = {head.weight, embed.weight}
+    if shard_embeddings and embed.weight is not head.weight:
         fully_shard(embed, reshard_after_forward=True, **kw)
-    fully_shard(train_step, ignored_params={head.weight}, **kw)
+        whole = {head.weight}
+    fully_shard(train_step, ignored_params=whole, **kw)
     return train_step
 
 
@@ -180,11 +181,12 @@ def gather_lora_state(peft_model) -> dict:
     functional collectives, which crashed (SIGSEGV) on gloo with CUDA tensors, the one-GPU check of
     bench/fsdp_bench.py (H200, torch 2.11); c10d's collective works on every backend.
     """
+    import warnings
+
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     state = {}
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
@@ -201,7 +203,11 @@ def gather_lora_state(peft_model) -> dict:
             padded = local.new_zeros((per_rank, *p.shape[1:]))
             padded[:local.shape[0]] = local
             gathered = local.new_empty((per_rank * world, *p.shape[1:]))
-            all_gather(gathered, padded)
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates it for all_gather_single, whose gloo processes aborted at exit ("terminate
+                # called without an active exception") in 6 of 22 runs of 4 ranks here; this one in none of 10
+                warnings.simplefilter("ignore", FutureWarning)
+                dist.all_gather_into_tensor(gathered, padded)
             whole = gathered[:rows]
         if rank == 0:
             state[name] = whole.to("cpu", copy=True)

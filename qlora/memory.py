@@ -18,16 +18,16 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
       without the fused MLP: + 2I for SiLU(gate)*up
       plain (transformers RMSNorm in fp32, SiLU then mul, peft): 4H per norm input (fp32), SiLU saves gate, the mul
         saves SiLU(gate) and up, down_proj's LoRA saves the product: 16H + 4KV + 8I + ...    (~185 KB)
-    A checkpointed block saves only its input (2H); during the backward one block is recomputed at a time.
+    A checkpointed block saves only its input (2H); during the backward one block is recomputed at a time. The
+    checkpointed blocks are the first N, so they are recomputed after the kept blocks' activations are freed.
   * Loss: fused linear-CE keeps no logits; the chunked fallback keeps one chunk of fp32 logits and their gradient.
   * Transient in the backward (gradient of the MLP activation and the residual stream; one recomputed block), which
     comes after the loss's transient, so the peak takes the larger of the two; the allocator's slack (expandable
     segments: ~0.4 GiB measured) on top; CUDA context (~0.5 GiB) outside the allocator.
-  * FSDP over N processes (parallelism="fsdp", qlora/fsdp.py): the 4-bit blocks, input embeddings, norms, LoRA
-    masters, their gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not
-    (bitsandbytes keeps them on every Linear4bit, outside FSDP), nor is the lm_head (whole on every process: it is
-    needed whole at the peak, where sharded it would cost more; tied embeddings likewise). Gathered for a while: up to
-    three blocks (the one computing, the next one prefetched, and that one's all-gather buffer until it is copied out)
+  * FSDP over N processes (parallelism="fsdp", qlora/fsdp.py): the 4-bit blocks, norms, LoRA masters, their
+    gradients and the optimizer state are 1/N each; the NF4 quantisation constants are not (bitsandbytes keeps them
+    on every Linear4bit, outside FSDP), nor are the embeddings and the lm_head (whole on every process: sharded,
+    gathering them would cost more, qlora/fsdp.py). Gathered for a while: up to three blocks (the one computing, the next one prefetched, and that one's all-gather buffer until it is copied out)
     plus one block's unsharded bf16 LoRA gradients and their fp32 copy for the reduce-scatter. No DDP buckets.
     Loading: qlora/fsdp.py loads the whole 4-bit model on each GPU before sharding it, so the larger of "4-bit model +
     embeddings" and "4-bit model + whole fp32 LoRA masters" (the embeddings wait on the CPU meanwhile) must fit too
@@ -169,15 +169,9 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     unq_dtype = 4 if upcast else 2
     n_emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
     n_norm = (2 * layers + 1) * h
-    dtype_note = f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params"
-    if shards > 1 and not cfg.get("tie_word_embeddings"):
-        rows.append(("input embeddings (unquantised)", v * h * unq_dtype // shards, True,
-                     f"{'fp32' if upcast else 'bf16'}, {v * h / 1e9:.2f}B params{of}"))
-        rows.append(("lm_head (unquantised)", v * h * unq_dtype, True,
-                     f"{'fp32' if upcast else 'bf16'}, {v * h / 1e9:.2f}B params, whole on every process"))
-    else:  # one process per model, or tied (one weight at both ends, whole on every process: qlora/fsdp.py)
-        rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype, True,
-                     dtype_note + (", whole on every process" if shards > 1 else "")))
+    rows.append(("embeddings + lm_head (unquantised)", n_emb * unq_dtype, True,
+                 f"{'fp32' if upcast else 'bf16'}, {n_emb / 1e9:.2f}B params"
+                 + (", whole on every process" if shards > 1 else "")))
     rows.append(("norms", n_norm * unq_dtype // shards, True, ""))
     trainable = lora_trainable_params(cfg, lora_r, lora_targets)
     est.trainable_params, est.base_params = trainable, base_linear + n_emb + n_norm
@@ -222,11 +216,17 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         chunk = min(loss_chunk_size, tokens)
         loss_b = tokens * 2 * h + chunk * v * (2 + 4 + 4 + 2)
         rows.append((f"loss: chunked CE, {chunk}-token logits", loss_b, True, "bf16 + fp32 logits and their gradient"))
-    # The loss's transient (at the start of the backward) and the blocks' (recompute, activation gradients) come one
-    # after the other: the peak is the larger of the two on top of everything saved.
-    blocks_phase = ((block_full if n_ckpt else 0) + transient + (loss_b if fused_loss else tokens * 2 * h)
-                    + blocks_gathered + lora_grad_buffers)
-    peak = static + saved + max(loss_b, blocks_phase)
+    # Three moments, the peak is the highest: the loss (everything saved, plus the loss's transient); the backward of
+    # the last kept block (everything saved, plus the activation gradients and FSDP's gathered blocks); the recompute
+    # of a checkpointed block. The recomputed blocks are the first ones (qlora.speed.checkpoint_layers), so by the time
+    # the backward reaches them the kept blocks' activations are gone: only the checkpointed inputs are left.
+    grads_phase = transient + (loss_b if fused_loss else tokens * 2 * h) + blocks_gathered + lora_grad_buffers
+    moments = [saved + loss_b]
+    if n_ckpt < layers:
+        moments.append(saved + grads_phase)
+    if n_ckpt:
+        moments.append(n_ckpt * block_ckpt + block_full + grads_phase)
+    peak = static + max(moments)
     est.peak_allocated_bytes = int(peak)
     est.peak_reserved_bytes = int(peak + ALLOCATOR_SLACK_BYTES)
     rows.append(("allocator slack (reserved - allocated)", ALLOCATOR_SLACK_BYTES, True, "expandable segments"))
