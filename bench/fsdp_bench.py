@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fsdp-bench")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting runs after this long")
+    ap.add_argument("--fsdp-runs", default="0,2,0e",
+                    help="the 70B-wide FSDP runs: blocks recomputed, 'e' for embeddings sharded (0, 2, 0e)")
     ap.add_argument("--equality-only", action="store_true",
                     help="only the probe and the equality of 2 FSDP ranks with 1 process")
     ap.add_argument("--skip-big-one", action="store_true",
@@ -260,6 +262,8 @@ def main() -> None:
         # third run measures the alternative (no estimate: the estimator plans what finetune.py does)
         fsdp_runs = {(0, False): work / "big_fsdp", (2, False): work / "big_fsdp_ckpt2",
                      (0, True): work / "big_fsdp_sharded_embeddings"}
+        wanted = [(int(k.rstrip("e")), k.endswith("e")) for k in args.fsdp_runs.split(",") if k]
+        fsdp_runs = {k: v for k, v in fsdp_runs.items() if k in wanted}
         if report["gloo_cuda_ok"]:
             for (n_ckpt, shard_emb), run_dir in fsdp_runs.items():
                 runner.run(f"70B-wide: FSDP, 2 processes on cuda:0, {n_ckpt} blocks recomputed"
