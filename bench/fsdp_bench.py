@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting runs after this long")
     ap.add_argument("--fsdp-runs", default="0,2,0e",
                     help="the 70B-wide FSDP runs: blocks recomputed, 'e' for embeddings sharded (0, 2, 0e)")
+    ap.add_argument("--skip-isolation", action="store_true",
+                    help="leave out the runs that tell sharding from FSDP's code path and the 4-bit storage")
     ap.add_argument("--equality-only", action="store_true",
                     help="only the probe and the equality of 2 FSDP ranks with 1 process")
     ap.add_argument("--skip-big-one", action="store_true",
@@ -218,7 +220,7 @@ def main() -> None:
             staged = ["--stage-through-cpu"] if rc == 0 else []
     # Should the two differ: is it the sharding (2 ranks vs FSDP over a group of one), or FSDP's code path itself
     # (one rank vs no FSDP), or only the 4-bit bytes stored as bf16 (no FSDP either way)?
-    if not args.equality_only:
+    if not (args.equality_only or args.skip_isolation):
         runner.run("equality: FSDP over 1 rank, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq_fsdp1,
                                                                  "--grad-accum", 2, "--fsdp"], 120)
         runner.run("equality: 1 process, grad-accum 2, 4-bit bytes stored as bf16",
