@@ -165,8 +165,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fsdp-bench")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the 70B-wide model (1.7 GB of bf16 each on disk)")
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting runs after this long")
-    ap.add_argument("--fsdp-runs", default="0,2,0e",
-                    help="the 70B-wide FSDP runs: blocks recomputed, 'e' for embeddings sharded (0, 2, 0e)")
+    ap.add_argument("--fsdp-runs", default="0,2,0w",
+                    help="the 70B-wide FSDP runs: blocks recomputed, 'w' for the input embeddings whole (0, 2, 0w)")
     ap.add_argument("--skip-isolation", action="store_true",
                     help="leave out the runs that tell sharding from FSDP's code path and the 4-bit storage")
     ap.add_argument("--equality-only", action="store_true",
@@ -260,24 +260,24 @@ def main() -> None:
         one = work / "big_one"
         if not args.skip_big_one:
             runner.run("70B-wide: 1 process", [sys.executable, DRIVER, *flags, "--steps", 4, "--out", one], 180)
-        # (blocks recomputed, embeddings sharded) -> run directory; qlora.fsdp keeps the embeddings whole, the
-        # third run measures the alternative (no estimate: the estimator plans what finetune.py does)
+        # (blocks recomputed, embeddings whole) -> run directory; qlora.fsdp shards the input embeddings, the third
+        # run measures keeping them whole (no estimate: the estimator plans what finetune.py does)
         fsdp_runs = {(0, False): work / "big_fsdp", (2, False): work / "big_fsdp_ckpt2",
-                     (0, True): work / "big_fsdp_sharded_embeddings"}
-        wanted = [(int(k.rstrip("e")), k.endswith("e")) for k in args.fsdp_runs.split(",") if k]
+                     (0, True): work / "big_fsdp_whole_embeddings"}
+        wanted = [(int(k.rstrip("w")), k.endswith("w")) for k in args.fsdp_runs.split(",") if k]
         fsdp_runs = {k: v for k, v in fsdp_runs.items() if k in wanted}
         if report["gloo_cuda_ok"]:
-            for (n_ckpt, shard_emb), run_dir in fsdp_runs.items():
+            for (n_ckpt, whole_emb), run_dir in fsdp_runs.items():
                 runner.run(f"70B-wide: FSDP, 2 processes on cuda:0, {n_ckpt} blocks recomputed"
-                           + (", embeddings sharded" if shard_emb else ""),
+                           + (", embeddings whole" if whole_emb else ""),
                            [*torchrun(2), DRIVER, *flags, "--checkpoint-layers", n_ckpt, "--steps", 3,
-                            "--out", run_dir, "--same-gpu", *staged, *(["--shard-embeddings"] if shard_emb else [])],
+                            "--out", run_dir, "--same-gpu", *staged, *(["--whole-embeddings"] if whole_emb else [])],
                            240)
         flops_tok = model_flops_per_token(cfg, rows8k, 64)
         configs = [("1 process", one, 1, "ddp", 0, False)] + [
-            (f"FSDP 2 processes, {n} blocks recomputed" + (", embeddings sharded" if e else ""), d, 2, "fsdp", n, e)
+            (f"FSDP 2 processes, {n} blocks recomputed" + (", embeddings whole" if e else ""), d, 2, "fsdp", n, e)
             for (n, e), d in fsdp_runs.items()]
-        for name, run_dir, world, parallelism, n_ckpt, shard_emb in configs:
+        for name, run_dir, world, parallelism, n_ckpt, whole_emb in configs:
             res = driver_result(run_dir)
             if not res:
                 continue
@@ -289,8 +289,8 @@ def main() -> None:
                      "peak_allocated_gib": max(m["peak_allocated_gib"] for m in mem),
                      "load_peak_allocated_gib": max(m["load_peak_allocated_gib"] for m in mem),
                      "phase_peaks_gib": [m.get("phase_peaks_gib") for m in mem],
-                     "est_peak_reserved_gib": None if shard_emb else est.peak_reserved_bytes / GiB,
-                     "est_peak_allocated_gib": None if shard_emb else est.peak_allocated_bytes / GiB,
+                     "est_peak_reserved_gib": None if whole_emb else est.peak_reserved_bytes / GiB,
+                     "est_peak_allocated_gib": None if whole_emb else est.peak_allocated_bytes / GiB,
                      # load_bytes counts the allocator slack and the CUDA context: compare what torch allocated
                      "est_load_allocated_gib": ((est.load_bytes - ALLOCATOR_SLACK_BYTES - CUDA_CONTEXT_BYTES) / GiB
                                                 if est.load_bytes else None),

@@ -7,12 +7,13 @@ weight, LoRA master, gradient and optimizer state, and gathers one decoder block
     base = load_base_model(model_dir, device=device, compute_dtype=dt, quant_storage=dt)  # NF4 packed in dt
     offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
     peft_model = apply_lora(base, ...)
-    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, then the root
+    train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, then the root
     optimizer = shard_optimizer(trainable_params, build)    # bitsandbytes 8-bit AdamW on each rank's own shards
 
 What is taken from the libraries and what is not:
   * Sharding, gathering, mixed precision and gradient reduce-scatter are FSDP2's: `fully_shard` on every decoder
-    block (one unit each: gathered just before the block runs, freed after), then on the root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
+    block (one unit each: gathered just before the block runs, freed after), on the input embeddings, then on the
+    root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
     the fp32 LoRA masters are gathered in bf16 (the dtype autocast computes them in anyway); on the CPU (fp32
     compute) nothing is cast. Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
     DDP's all-reduce does, so the training loop's loss scaling (world / label tokens of the global batch) gives the
@@ -22,13 +23,15 @@ What is taken from the libraries and what is not:
     norms and LoRA weights, and no cast ever touches the bytes: FSDP casts every weight it gathers to param_dtype,
     which would turn bf16-stored bytes into other, meaningless ones under fp32 compute. This is the form
     bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
-  * The embeddings and the lm_head are not sharded: every process keeps them whole (`ignored_params`), as it keeps
-    the quantisation constants. Sharded, each would be gathered whole for its use anyway, through an all-gather
-    buffer and a copy of the same size: the lm_head at the peak (the end of the forward, every activation held), where
-    that costs its 1/N shard plus twice the whole head (70B: 0.49 + 3.92 GiB over 4 processes, against 1.96 GiB
-    whole); the embeddings at the start, but the buffers stay reserved by PyTorch's allocator for FSDP's streams
-    (bench/RESULTS.md, "FSDP2 on one GPU"). The loss also uses the head by its weight, never calling it, so no FSDP
-    hook would gather it. `shard(..., shard_embeddings=True)` shards the input embeddings instead (the comparison).
+  * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
+    constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
+    costs its 1/N shard plus the gathered head plus FSDP's all-gather buffer: more than the whole head for any N
+    (70B: 1.96 GiB whole; 0.49 + 3.92 GiB at the peak sharded over 4). The loss also uses it by its weight, never
+    calling it, so no FSDP hook would gather it. The input embeddings are a unit of their own, gathered at the start
+    of the forward (resharded after: the backward never needs them). Tied embeddings (one weight at both ends) stay
+    whole. `shard(..., shard_embeddings=False)` keeps the input embeddings whole too: measured on one GPU, the
+    processes reserve 4.3 GiB more than they allocate under FSDP (0.4 without), which would be the embeddings'
+    gather buffers staying reserved if twice the embeddings is the cause (bench/RESULTS.md, "FSDP2 on one GPU").
   * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
     runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
     weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant
@@ -89,13 +92,13 @@ def mixed_precision(compute_dtype: torch.dtype):
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = False) -> torch.nn.Module:
+def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True) -> torch.nn.Module:
     """fully_shard a TrainStep(peft 4-bit LoRA model) over all ranks of the default process group, in place.
 
-    Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward),
-    then the root, whose forward is the training step and which holds the final norm for the whole step (a vector).
-    The embeddings and the lm_head stay whole on every process (module doc); shard_embeddings=True makes the input
-    embeddings a unit of their own (resharded after use: the backward never needs them), untied ones only.
+    Units: every decoder block (gathered before it runs, resharded after, in the forward and again in the backward);
+    the input embeddings (resharded after use: the backward never needs them; shard_embeddings=False keeps them
+    whole); then the root, whose forward is the training step and which holds the final norm for the whole step (a
+    vector). The lm_head stays whole on every process (module doc), tied embeddings too.
     The 4-bit weights must be stored in the compute dtype (load_base_model(..., quant_storage=compute_dtype)).
     """
     import torch.distributed as dist

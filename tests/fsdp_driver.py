@@ -157,8 +157,8 @@ def main() -> None:
     ap.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--fsdp", action="store_true",
                     help="shard even as one process (a group of one): FSDP's code path without a second rank")
-    ap.add_argument("--shard-embeddings", action="store_true",
-                    help="shard the input embeddings too (qlora.fsdp.shard keeps them whole by default)")
+    ap.add_argument("--whole-embeddings", action="store_true",
+                    help="keep the input embeddings whole on every rank (qlora.fsdp.shard shards them by default)")
     ap.add_argument("--check-gathered", action="store_true",
                     help="sharded: compare every weight FSDP gathers for the first forward with the weight before "
                          "sharding, bit for bit (LoRA masters after their cast to the compute dtype)")
@@ -221,7 +221,7 @@ def main() -> None:
 
     if sharded:
         mismatches, install = check_gathered(model) if args.check_gathered else (None, None)
-        step_fn = fsdp.shard(step_fn, device, shard_embeddings=args.shard_embeddings)
+        step_fn = fsdp.shard(step_fn, device, shard_embeddings=not args.whole_embeddings)
         if install:
             install()
         if args.stage_through_cpu:
