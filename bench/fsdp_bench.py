@@ -135,13 +135,15 @@ def model_flops_per_token(cfg: dict, data_dir: Path, lora_r: int) -> float:
 
 
 def print_equality(report: dict) -> None:
-    for key, label in (("equality", "2 FSDP ranks vs 1 process"), ("fsdp_2_ranks_vs_1_rank", "2 FSDP ranks vs FSDP over 1 rank"),
+    for key, label in (("equality", "2 FSDP ranks vs 1 process"),
+                       ("fsdp_2_ranks_vs_1_rank", "2 FSDP ranks vs FSDP over 1 rank"),
                        ("fsdp_1_rank_vs_no_fsdp_float_storage", "FSDP over 1 rank vs 1 process (bf16-stored 4-bit)"),
                        ("float_vs_uint8_storage", "1 process: bf16-stored vs uint8-stored 4-bit")):
         eq = report.get(key)
         if eq:
+            first_a, first_b = eq["losses_one_process"]["1"], eq["losses_fsdp"]["1"]
             print(f"fast path, {label} (4 steps): max relative loss difference {eq['max_rel_loss_diff']:.2e} "
-                  f"(step 1: {abs(eq['losses_one_process']['1'] - eq['losses_fsdp']['1']) / eq['losses_one_process']['1']:.2e}), "
+                  f"(step 1: {abs(first_a - first_b) / first_a:.2e}), "
                   f"max |LoRA difference| {eq['max_abs_lora_diff']:.2e} of weights up to {eq['max_abs_lora']:.3f}; "
                   f"bit-identical adapters: {eq['torch_equal_all']}")
         else:

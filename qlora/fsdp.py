@@ -58,7 +58,7 @@ from .errors import UserError
 from .llama3 import IGNORE_INDEX
 
 def offload_embeddings(base_model) -> None:
-    """Move the unquantised embeddings and lm_head to CPU until `shard` brings them back as 1/N shards.
+    """Move the unquantised embeddings and lm_head to CPU until `shard` brings them back (embeddings sharded).
 
     peft creates every fp32 LoRA master before anything can be sharded: on a 40 GB card the 70B model's 4-bit blocks,
     its 3.9 GiB of bf16 embeddings and the 3.1 GiB of LoRA masters do not fit together; without the embeddings they do.

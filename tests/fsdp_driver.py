@@ -328,7 +328,8 @@ def main() -> None:
         seq = int(meta["max_len"])
         timed = times[1:] or times  # the first step compiles kernels and warms the allocator
         (out / "result.json").write_text(json.dumps({
-            "world_size": world, "losses": {str(k): v for k, v in losses.items()}, "memory_per_rank": [r["memory"] for r in per_rank],
+            "world_size": world, "losses": {str(k): v for k, v in losses.items()},
+            "memory_per_rank": [r["memory"] for r in per_rank],
             "micro_losses_per_rank": [r["micro_losses"] for r in per_rank],
             "gathered_mismatches_per_rank": [r.get("gathered_mismatches") for r in per_rank],
             "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
