@@ -97,8 +97,9 @@ class TrainConfig:
     parallelism: str = _opt("auto", "how the processes share the model: auto (DDP when one process per GPU fits with "
                                     "every block recomputed, by qlora/memory.py's estimate; FSDP when it does not; DDP "
                                     "on the CPU), ddp (a whole model per process: no weight traffic, faster), fsdp "
-                                    "(torch FSDP2: each process holds 1/N of the 4-bit weights, embeddings, LoRA, "
-                                    "gradients and optimizer state and gathers one block at a time; qlora/fsdp.py)",
+                                    "(torch FSDP2: each process holds 1/N of the 4-bit weights, input embeddings, "
+                                    "LoRA, gradients and optimizer state, the lm_head whole, and gathers one block at "
+                                    "a time; qlora/fsdp.py)",
                             choices=["auto", "ddp", "fsdp"])
     loss_chunk_size: int = _opt(1024, "tokens per lm_head + cross-entropy chunk (the [tokens x 128256] logits are "
                                       "never built whole; 1024 tokens = 0.5 GB of fp32 logits at a time)")
