@@ -197,6 +197,27 @@ dist.destroy_process_group()
     assert "GATHERED {'0.weight': (5, 3), '0.bias': (5,)}" in proc.stdout
 
 
+def test_two_ranks_gather_the_bf16_stored_4bit_bytes_bit_for_bit(tmp_path, untied_model_dir, fsdp_rows):
+    """bf16 compute on the CPU (the GPU's dtype; the 4-bit bytes then stored as bf16 pairs, some of them NaN
+    patterns): every weight 2 FSDP ranks gather for their first forward equals, bit for bit, the weight before
+    sharding, and the first 2 steps' losses equal one process's with grad-accum 2 on the same rows (tests/
+    fsdp_driver.py --check-gathered). The GPU bench runs the same check on cuda:0."""
+    driver = [str(ROOT / "tests" / "fsdp_driver.py"), "--model", str(untied_model_dir), "--data", str(fsdp_rows),
+              "--steps", "2", "--compute-dtype", "bf16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cmd in ([sys.executable, *driver, "--out", str(one), "--grad-accum", "2"],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *driver,
+                 "--out", str(two), "--check-gathered"]):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
+    for counts in b["gathered_mismatches_per_rank"]:
+        assert len(counts) > 20 and not any(counts.values()), counts  # the embeddings, and every block's weights
+    assert a["losses"] == b["losses"]
+    assert [a["micro_losses_per_rank"][0]["1"]] == [[r["1"][0] for r in b["micro_losses_per_rank"]]]
+
+
 def test_shard_optimizer_steps_each_ranks_own_shards(one_process_group):
     """bitsandbytes' 8-bit AdamW on the local shards takes the same step as on the plain tensors; its gradients are
     gone after the step (control: handed the DTensors themselves, it refuses them)."""
