@@ -1,8 +1,9 @@
 """QLoRA sharded with torch's FSDP2 (`fully_shard`), for models whose 4-bit weights do not fit one GPU.
 
 DDP keeps a whole copy of the model on every GPU; Llama-3-70B in NF4 (~32 GiB of blocks, ~4 GiB of bf16 embeddings
-and lm_head) plus activations does not fit a 40 GB A100 that way. Here each of N processes keeps 1/N of every
-weight, LoRA master, gradient and optimizer state, and gathers one decoder block's weights at a time:
+and lm_head) plus activations does not fit a 40 GB A100 that way. Here each of N processes keeps 1/N of every block
+weight, the input embeddings, LoRA masters, gradients and optimizer state, and gathers one decoder block's weights
+at a time:
 
     base = load_base_model(model_dir, device=device, compute_dtype=dt, quant_storage=dt)  # NF4 packed in dt
     offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
@@ -25,9 +26,9 @@ What is taken from the libraries and what is not:
     bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
   * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
     constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
-    costs its 1/N shard plus the gathered head plus FSDP's all-gather buffer: more than the whole head for any N
-    (70B: 1.96 GiB whole; 0.49 + 3.92 GiB at the peak sharded over 4). The loss also uses it by its weight, never
-    calling it, so no FSDP hook would gather it. The input embeddings are a unit of their own, gathered at the start
+    costs its 1/N shard plus the gathered head (and FSDP's gather buffers), more than the whole head for any N:
+    measured at the 70B width over 2 processes, 1.45 GiB more per process than keeping it whole. The loss also uses
+    it by its weight, never calling it, so no FSDP hook would gather it. The input embeddings are a unit of their own, gathered at the start
     of the forward (resharded after: the backward never needs them). Tied embeddings (one weight at both ends) stay
     whole. `shard(..., shard_embeddings=False)` keeps the input embeddings whole too: measured on one GPU, the
     processes reserve 4.3 GiB more than they allocate under FSDP (0.4 without), which would be the embeddings'
