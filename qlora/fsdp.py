@@ -208,8 +208,7 @@ def gather_lora_state(peft_model) -> dict:
             padded[:local.shape[0]] = local
             gathered = local.new_empty((per_rank * world, *p.shape[1:]))
             with warnings.catch_warnings():
-                # torch 2.13 deprecates it for all_gather_single, whose gloo processes aborted at exit ("terminate
-                # called without an active exception") in 6 of 22 runs of 4 ranks here; this one in none of 10
+                # the name torch 2.11 (the GPU image) and 2.13 share; 2.13 deprecates it for all_gather_single
                 warnings.simplefilter("ignore", FutureWarning)
                 dist.all_gather_into_tensor(gathered, padded)
             whole = gathered[:rows]
