@@ -28,11 +28,12 @@ What is taken from the libraries and what is not:
     constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
     costs its 1/N shard plus the gathered head (and FSDP's gather buffers), more than the whole head for any N:
     measured at the 70B width over 2 processes, 1.45 GiB more per process than keeping it whole. The loss also uses
-    it by its weight, never calling it, so no FSDP hook would gather it. The input embeddings are a unit of their own, gathered at the start
-    of the forward (resharded after: the backward never needs them). Tied embeddings (one weight at both ends) stay
-    whole. `shard(..., shard_embeddings=False)` keeps the input embeddings whole too: measured on one GPU, the
-    processes reserve 4.3 GiB more than they allocate under FSDP (0.4 without), which would be the embeddings'
-    gather buffers staying reserved if twice the embeddings is the cause (bench/RESULTS.md, "FSDP2 on one GPU").
+    it by its weight, never calling it, so no FSDP hook would gather it. The input embeddings are a unit of their
+    own, gathered at the start of the forward (resharded after: the backward never needs them). Tied embeddings (one
+    weight at both ends) stay whole. `shard(..., shard_embeddings=False)` keeps the input embeddings whole too:
+    measured on one GPU, the processes reserve 4.3 GiB more than they allocate under FSDP (0.4 without), which would
+    be the embeddings' gather buffers staying reserved if twice the embeddings is the cause (bench/RESULTS.md,
+    "FSDP2 on one GPU").
   * FSDP2 replaces every parameter by a plain one (a sharded DTensor; a plain all-gathered tensor while the block
     runs), so `Params4bit.quant_state` is gone from the weight the block computes with: the known trap (4-bit
     weights dequantised without their constants: loss 0.0 or NaN, no error). bitsandbytes keeps a copy of the quant

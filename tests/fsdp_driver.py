@@ -252,11 +252,8 @@ def main() -> None:
         got = phase_peaks.setdefault(phase, [0.0, 0.0])
         got[0] = max(got[0], torch.cuda.max_memory_allocated(device) / 2**30)
         got[1] = max(got[1], torch.cuda.max_memory_reserved(device) / 2**30)
-        overall[0] = max(overall[0], got[0])
-        overall[1] = max(overall[1], got[1])
         torch.cuda.reset_peak_memory_stats(device)
 
-    overall = [0.0, 0.0]
     losses, times, micro_losses = {}, [], {}
     while step < args.steps:
         t0 = time.perf_counter()
@@ -271,8 +268,8 @@ def main() -> None:
             mark("forward")
             (loss_sum * scale).backward()
             mark("backward")
-            local_loss += float(loss_sum.detach())
             micro_losses.setdefault(step + 1, []).append(float(loss_sum.detach()))
+            local_loss += micro_losses[step + 1][-1]
         if args.stage_through_cpu:
             clip_staged_through_cpu(trainable, 1.0)
         else:
@@ -314,7 +311,8 @@ def main() -> None:
     mem = {}
     if device.type == "cuda":
         mark("gather adapter")
-        mem = {"peak_allocated_gib": overall[0], "peak_reserved_gib": overall[1],
+        mem = {"peak_allocated_gib": max(a for a, _ in phase_peaks.values()),
+               "peak_reserved_gib": max(r for _, r in phase_peaks.values()),
                "phase_peaks_gib": {k: {"allocated": a, "reserved": r} for k, (a, r) in phase_peaks.items()},
                "load_peak_allocated_gib": load_peak / 2**30, "after_load_allocated_gib": after_load / 2**30}
     mine = {"memory": mem, "micro_losses": micro_losses, "rank": rank}
