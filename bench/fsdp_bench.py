@@ -134,6 +134,41 @@ def model_flops_per_token(cfg: dict, data_dir: Path, lora_r: int) -> float:
     return f["model_flops"] / (seq * len(segments))
 
 
+def step1_rows(res: dict) -> list:
+    """Step 1's loss sums of each row, in stream order (rank 0's micro-batches, then rank 1's)."""
+    return [x for rank in res["micro_losses_per_rank"] for x in rank.get("1", [])]
+
+
+def equality_variants(runner: Runner, work: Path, small: Path, rows512: Path, eq_one: Path) -> dict:
+    """--equality-variants: step-1 row losses and the whole comparison for each variant (see its help)."""
+    common = ["--device", "cuda", "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
+    paths = {"plain": ["--kernels", "none", "--attn", "sdpa", "--checkpoint-layers", 0],
+             "fast_sdpa": ["--kernels", "liger", "--attn", "sdpa", "--checkpoint-layers", 2]}
+    found = {}
+    for name, flags in paths.items():
+        one, two = work / f"var_{name}_one", work / f"var_{name}_fsdp"
+        runner.run(f"variant {name}: 1 process, grad-accum 2",
+                   [sys.executable, DRIVER, *common, *flags, "--out", one, "--grad-accum", 2], 120)
+        runner.run(f"variant {name}: 2 FSDP ranks on cuda:0",
+                   [*torchrun(2), DRIVER, *common, *flags, "--out", two, "--same-gpu", "--check-gathered"], 150)
+        a, b = driver_result(one), driver_result(two)
+        if a and b:
+            found[name] = {**compare_runs(a, b, one, two), "rows_one": step1_rows(a), "rows_fsdp": step1_rows(b),
+                           "gathered_mismatches": [sum(1 for v in (r or {}).values() if v)
+                                                   for r in b.get("gathered_mismatches_per_rank") or []]}
+    fast = ["--kernels", "liger", "--attn", "flex_attention", "--checkpoint-layers", 2, "--grad-accum", 2]
+    together = [work / "var_concurrent_a", work / "var_concurrent_b"]
+    cmds = [" ".join(map(str, [sys.executable, DRIVER, *common, *fast, "--out", d])) for d in together]
+    runner.run("variant concurrent: two 1-process runs at once", ["bash", "-c", " & ".join(cmds) + " & wait"], 150)
+    alone = driver_result(eq_one)
+    for d in together:
+        res = driver_result(d)
+        if alone and res:
+            found[d.name] = {**compare_runs(alone, res, eq_one, d), "rows_one": step1_rows(alone),
+                             "rows_fsdp": step1_rows(res)}
+    return found
+
+
 def print_equality(report: dict) -> None:
     for key, label in (("equality", "2 FSDP ranks vs 1 process"),
                        ("fsdp_2_ranks_vs_1_rank", "2 FSDP ranks vs FSDP over 1 rank"),
@@ -159,6 +194,11 @@ def print_equality(report: dict) -> None:
         one, two = rows["one_process"][0], rows["fsdp_2_ranks"]
         for step in sorted(one, key=int)[:2]:
             print(f"step {step} loss sums per row: 1 process {one[step]}; FSDP ranks {[r.get(step) for r in two]}")
+    for name, eq in (report.get("variants") or {}).items():
+        print(f"variant {name}: max relative loss difference {eq['max_rel_loss_diff']:.2e}, bit-identical "
+              f"adapters {eq['torch_equal_all']}; step-1 rows {eq['rows_one']} vs {eq['rows_fsdp']}"
+              + (f"; gathered weights differing per rank {eq['gathered_mismatches']}" if "gathered_mismatches" in eq
+                 else ""))
 
 
 def main() -> None:
@@ -173,6 +213,10 @@ def main() -> None:
                     help="leave out the runs that tell sharding from FSDP's code path and the 4-bit storage")
     ap.add_argument("--equality-only", action="store_true",
                     help="only the probe and the equality of 2 FSDP ranks with 1 process")
+    ap.add_argument("--equality-variants", action="store_true",
+                    help="after the equality run, find what makes 2 ranks differ from 1 process: the same pair on "
+                         "the plain path (no Liger, no fused SwiGLU, sdpa) and on the fast path with sdpa, and two "
+                         "independent 1-process runs at once on the GPU (no FSDP) against the one run alone")
     ap.add_argument("--skip-big-one", action="store_true",
                     help="leave out the 70B-wide one-process run (speed and MFU), e.g. when measured in an earlier call")
     args = ap.parse_args()
@@ -239,6 +283,8 @@ def main() -> None:
         report["gathered_mismatches_per_rank"] = res2.get("gathered_mismatches_per_rank")
         report["row_losses"] = {"one_process": (driver_result(eq1) or {}).get("micro_losses_per_rank"),
                                 "fsdp_2_ranks": res2.get("micro_losses_per_rank")}
+    if args.equality_variants:
+        report["variants"] = equality_variants(runner, work, small, rows512, eq1)
     (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")  # so far, should the call run out of time
     if args.equality_only:
         print_equality(report)
