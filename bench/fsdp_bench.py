@@ -139,23 +139,44 @@ def step1_rows(res: dict) -> list:
     return [x for rank in res["micro_losses_per_rank"] for x in rank.get("1", [])]
 
 
-def equality_variants(runner: Runner, work: Path, small: Path, rows512: Path, eq_one: Path) -> dict:
+def first_divergence(one: dict, two: dict) -> list:
+    """Per FSDP rank: the first module (in execution order) whose step-1 output differs from one process's output for
+    the same row (fsdp_driver --trace-first-forward), with both sums, and how many of the outputs differ."""
+    one_trace = (one.get("first_forward_trace_per_rank") or [{}])[0]
+    found = []
+    for rank, trace in enumerate(two.get("first_forward_trace_per_rank") or []):
+        a, b = one_trace.get(str(rank), []), trace.get("0", [])
+        differing = [(x, y) for x, y in zip(a, b) if x[1] != y[1] or x[0] != y[0]]
+        first = differing[0] if differing else None
+        found.append({"rank": rank, "modules": len(a), "modules_fsdp": len(b), "differing": len(differing),
+                      "first": None if first is None else {"one_process": first[0], "fsdp": first[1]}})
+    return found
+
+
+def equality_variants(runner: Runner, work: Path, small: Path, rows512: Path, eq_one: Path, wanted: list) -> dict:
     """--equality-variants: step-1 row losses and the whole comparison for each variant (see its help)."""
     common = ["--device", "cuda", "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
     paths = {"plain": ["--kernels", "none", "--attn", "sdpa", "--checkpoint-layers", 0],
              "fast_sdpa": ["--kernels", "liger", "--attn", "sdpa", "--checkpoint-layers", 2]}
     found = {}
     for name, flags in paths.items():
+        if name not in wanted:
+            continue
         one, two = work / f"var_{name}_one", work / f"var_{name}_fsdp"
         runner.run(f"variant {name}: 1 process, grad-accum 2",
-                   [sys.executable, DRIVER, *common, *flags, "--out", one, "--grad-accum", 2], 120)
+                   [sys.executable, DRIVER, *common, *flags, "--out", one, "--grad-accum", 2, "--trace-first-forward"],
+                   120)
         runner.run(f"variant {name}: 2 FSDP ranks on cuda:0",
-                   [*torchrun(2), DRIVER, *common, *flags, "--out", two, "--same-gpu", "--check-gathered"], 150)
+                   [*torchrun(2), DRIVER, *common, *flags, "--out", two, "--same-gpu", "--check-gathered",
+                    "--trace-first-forward"], 150)
         a, b = driver_result(one), driver_result(two)
         if a and b:
             found[name] = {**compare_runs(a, b, one, two), "rows_one": step1_rows(a), "rows_fsdp": step1_rows(b),
+                           "first_divergence": first_divergence(a, b),
                            "gathered_mismatches": [sum(1 for v in (r or {}).values() if v)
                                                    for r in b.get("gathered_mismatches_per_rank") or []]}
+    if "concurrent" not in wanted:
+        return found
     fast = ["--kernels", "liger", "--attn", "flex_attention", "--checkpoint-layers", 2, "--grad-accum", 2]
     together = [work / "var_concurrent_a", work / "var_concurrent_b"]
     cmds = [" ".join(map(str, [sys.executable, DRIVER, *common, *fast, "--out", d])) for d in together]
@@ -194,7 +215,13 @@ def print_equality(report: dict) -> None:
         one, two = rows["one_process"][0], rows["fsdp_2_ranks"]
         for step in sorted(one, key=int)[:2]:
             print(f"step {step} loss sums per row: 1 process {one[step]}; FSDP ranks {[r.get(step) for r in two]}")
+    for d in report.get("first_divergence") or []:
+        print(f"fast path, rank {d['rank']}: {d['differing']} of {d['modules']} step-1 module outputs differ from one "
+              f"process's; first: {d['first']}")
     for name, eq in (report.get("variants") or {}).items():
+        for d in eq.get("first_divergence") or []:
+            print(f"variant {name}, rank {d['rank']}: {d['differing']} of {d['modules']} outputs differ; "
+                  f"first: {d['first']}")
         print(f"variant {name}: max relative loss difference {eq['max_rel_loss_diff']:.2e}, bit-identical "
               f"adapters {eq['torch_equal_all']}; step-1 rows {eq['rows_one']} vs {eq['rows_fsdp']}"
               + (f"; gathered weights differing per rank {eq['gathered_mismatches']}" if "gathered_mismatches" in eq
@@ -213,10 +240,11 @@ def main() -> None:
                     help="leave out the runs that tell sharding from FSDP's code path and the 4-bit storage")
     ap.add_argument("--equality-only", action="store_true",
                     help="only the probe and the equality of 2 FSDP ranks with 1 process")
-    ap.add_argument("--equality-variants", action="store_true",
-                    help="after the equality run, find what makes 2 ranks differ from 1 process: the same pair on "
-                         "the plain path (no Liger, no fused SwiGLU, sdpa) and on the fast path with sdpa, and two "
-                         "independent 1-process runs at once on the GPU (no FSDP) against the one run alone")
+    ap.add_argument("--equality-variants", default="",
+                    help="after the equality run, find what makes 2 ranks differ from 1 process, comma-separated: "
+                         "plain (the same pair without Liger, fused SwiGLU or flex attention), fast_sdpa (the fast "
+                         "path with sdpa), concurrent (two independent 1-process runs at once on the GPU, no FSDP, "
+                         "against the one run alone)")
     ap.add_argument("--skip-big-one", action="store_true",
                     help="leave out the 70B-wide one-process run (speed and MFU), e.g. when measured in an earlier call")
     args = ap.parse_args()
@@ -253,16 +281,17 @@ def main() -> None:
             "--steps", 4, "--lora-r", 16, "--model", small, "--data", rows512]
     eq1, eq2 = work / "eq_one", work / "eq_fsdp"
     eq1_float, eq_fsdp1 = work / "eq_one_float_storage", work / "eq_fsdp_one_rank"
-    runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2],
-               120)
+    runner.run("equality: 1 process, grad-accum 2", [sys.executable, DRIVER, *fast, "--out", eq1, "--grad-accum", 2,
+                                                     "--trace-first-forward"], 120)
     staged = []  # becomes ["--stage-through-cpu"] if gloo's CUDA path fails under FSDP and the staged one does not
     if report["gloo_cuda_ok"]:
         rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0", [*torchrun(2), DRIVER, *fast, "--out", eq2,
-                                                                 "--same-gpu", "--check-gathered"], 150)
+                                                                 "--same-gpu", "--check-gathered",
+                                                                 "--trace-first-forward"], 150)
         if rc != 0:
             eq2 = work / "eq_fsdp_staged"
             rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0, collectives staged through CPU",
-                               [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu"], 150)
+                               [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu", "--trace-first-forward"], 150)
             staged = ["--stage-through-cpu"] if rc == 0 else []
     # Should the two differ: is it the sharding (2 ranks vs FSDP over a group of one), or FSDP's code path itself
     # (one rank vs no FSDP), or only the 4-bit bytes stored as bf16 (no FSDP either way)?
@@ -281,10 +310,12 @@ def main() -> None:
     if driver_result(eq2):
         res2 = driver_result(eq2)
         report["gathered_mismatches_per_rank"] = res2.get("gathered_mismatches_per_rank")
+        if driver_result(eq1):
+            report["first_divergence"] = first_divergence(driver_result(eq1), res2)
         report["row_losses"] = {"one_process": (driver_result(eq1) or {}).get("micro_losses_per_rank"),
                                 "fsdp_2_ranks": res2.get("micro_losses_per_rank")}
     if args.equality_variants:
-        report["variants"] = equality_variants(runner, work, small, rows512, eq1)
+        report["variants"] = equality_variants(runner, work, small, rows512, eq1, args.equality_variants.split(","))
     (out / "fsdp.json").write_text(json.dumps(report, indent=2) + "\n")  # so far, should the call run out of time
     if args.equality_only:
         print_equality(report)

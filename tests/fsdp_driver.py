@@ -110,7 +110,7 @@ def check_gathered(peft_model):
         module._checked = True
         for name, p in module.named_parameters():
             full = module._prefix + name
-            want = before[full]
+            want = before[full].to(p.device)  # the embeddings were copied while offloaded to the CPU
             if want.is_floating_point() and want.dtype != p.dtype:
                 want = want.to(p.dtype)
             got = p.detach()
@@ -129,6 +129,40 @@ def check_gathered(peft_model):
             module.register_forward_pre_hook(hook)
 
     return counts, install
+
+
+def trace_outputs(peft_model):
+    """({micro-batch index: [[module, sha1 of the output's bytes, float64 sum], ...]}, start): start(i) records, in
+    execution order, the output of every module that computes (embeddings, decoder blocks, attention, MLP, norms,
+    4-bit linears) during micro-batch i's forward, each module once (the backward's recomputes are left out);
+    start(None) stops. The first entry where 2 FSDP ranks differ from one process is where they part."""
+    import hashlib
+
+    trace: dict = {}
+    current = {"i": None}
+
+    def hook(module, _args, output):
+        i = current["i"]
+        out = output[0] if isinstance(output, tuple) else output
+        if i is None or not torch.is_tensor(out):
+            return
+        seen = trace.setdefault(i, [])
+        if any(name == module._trace_name for name, _, _ in seen):
+            return
+        raw = out.detach().contiguous().cpu()
+        digest = hashlib.sha1(raw.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        seen.append([module._trace_name, digest, float(raw.double().sum())])
+
+    kinds = ("Embedding", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm", "Linear4bit")
+    for name, module in peft_model.named_modules():
+        if type(module).__name__ in kinds:
+            module._trace_name = name
+            module.register_forward_hook(hook)
+
+    def start(i):
+        current["i"] = i
+
+    return trace, start
 
 
 def main() -> None:
@@ -162,6 +196,9 @@ def main() -> None:
     ap.add_argument("--check-gathered", action="store_true",
                     help="sharded: compare every weight FSDP gathers for the first forward with the weight before "
                          "sharding, bit for bit (LoRA masters after their cast to the compute dtype)")
+    ap.add_argument("--trace-first-forward", action="store_true",
+                    help="record a hash and the sum of every module's output in step 1's forwards (result.json's "
+                         "first_forward_trace_per_rank), to find where 2 ranks part from one process")
     ap.add_argument("--quant-storage", default="auto", choices=["auto", "uint8", "compute"],
                     help="dtype of the packed 4-bit bytes; auto: the compute dtype when sharded (FSDP needs it), "
                          "else uint8")
@@ -219,6 +256,7 @@ def main() -> None:
     def build(params):
         return bnb.optim.PagedAdamW8bit(params, lr=args.lr, min_8bit_size=args.min_8bit_size)
 
+    trace, trace_start = trace_outputs(model) if args.trace_first_forward else ({}, lambda i: None)
     if sharded:
         mismatches, install = check_gathered(model) if args.check_gathered else (None, None)
         step_fn = fsdp.shard(step_fn, device, shard_embeddings=not args.whole_embeddings)
@@ -263,8 +301,10 @@ def main() -> None:
         (global_labels,) = all_reduce_sum([local_labels])
         scale = world / max(global_labels, 1.0)  # FSDP's reduce-scatter averages over ranks, as DDP's all-reduce
         local_loss = 0.0
-        for mb in micro:
+        for i, mb in enumerate(micro):
+            trace_start(i if step == 0 else None)
             loss_sum, _ = step_fn(**{k: torch.from_numpy(v).to(device) for k, v in mb.items()})
+            trace_start(None)
             mark("forward")
             (loss_sum * scale).backward()
             mark("backward")
@@ -315,7 +355,7 @@ def main() -> None:
                "peak_reserved_gib": max(r for _, r in phase_peaks.values()),
                "phase_peaks_gib": {k: {"allocated": a, "reserved": r} for k, (a, r) in phase_peaks.items()},
                "load_peak_allocated_gib": load_peak / 2**30, "after_load_allocated_gib": after_load / 2**30}
-    mine = {"memory": mem, "micro_losses": micro_losses, "rank": rank}
+    mine = {"memory": mem, "micro_losses": micro_losses, "rank": rank, "trace": trace}
     if sharded and args.check_gathered:
         mine["gathered_mismatches"] = mismatches
     per_rank = [mine]
@@ -330,6 +370,7 @@ def main() -> None:
             "memory_per_rank": [r["memory"] for r in per_rank],
             "micro_losses_per_rank": [r["micro_losses"] for r in per_rank],
             "gathered_mismatches_per_rank": [r.get("gathered_mismatches") for r in per_rank],
+            "first_forward_trace_per_rank": [r["trace"] for r in per_rank],
             "step_times_s": times, "tokens_per_s": rows_per_step * seq * len(timed) / sum(timed),
             "resumed_from": args.resume, "staged_through_cpu": args.stage_through_cpu}, indent=2) + "\n")
     if sharded:
