@@ -335,9 +335,8 @@ def _setup_model(cfg: TrainConfig, dist: Dist, compute_dtype: torch.dtype, attn:
         check_bitsandbytes(dist.device)
     sharded = plan.parallelism == "fsdp"
     torch.manual_seed(cfg.seed)
-    # FSDP gathers every weight in the compute dtype: the packed 4-bit bytes are stored in it, so no cast touches them
     base = load_base_model(cfg.model, quantize=cfg.quantize, attn_implementation=attn, device=dist.device,
-                           compute_dtype=compute_dtype, quant_storage=compute_dtype if sharded else torch.uint8)
+                           compute_dtype=compute_dtype)
     if sharded:
         offload_embeddings(base)
     model = apply_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

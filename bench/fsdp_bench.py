@@ -8,7 +8,9 @@
    Liger's kernels, the fused SwiGLU+down, bf16 LoRA addmm, flex attention, the fused linear-CE and 2 of 4 blocks
    recomputed: one process with grad-accum 2 against 2 FSDP ranks on cuda:0 (gloo), 4 steps (tests/fsdp_driver.py);
    and, to tell the sharding from the rest, FSDP over a group of one and one process with the 4-bit bytes stored
-   as bf16 (as FSDP needs them), each with grad-accum 2.
+   as bf16 (uint8 otherwise), each with grad-accum 2. --check-gathered compares every weight the 2 ranks gather
+   with the weight before sharding, --trace-first-forward every module's output with one process's (where they
+   part), --equality-variants the same pair on other paths.
    Should the 2 ranks fail (the first H200 call's SIGSEGV; bench/fsdp_diag.py bisects it), they run once more with
    FSDP's collectives staged through CPU tensors (fsdp_driver.py --stage-through-cpu, a harness device only), and the
    70B-wide FSDP run below does the same; the table says so.
@@ -193,7 +195,7 @@ def equality_variants(runner: Runner, work: Path, small: Path, rows512: Path, eq
 def print_equality(report: dict) -> None:
     for key, label in (("equality", "2 FSDP ranks vs 1 process"),
                        ("fsdp_2_ranks_vs_1_rank", "2 FSDP ranks vs FSDP over 1 rank"),
-                       ("fsdp_1_rank_vs_no_fsdp_float_storage", "FSDP over 1 rank vs 1 process (bf16-stored 4-bit)"),
+                       ("fsdp_1_rank_vs_no_fsdp", "FSDP over 1 rank vs 1 process"),
                        ("float_vs_uint8_storage", "1 process: bf16-stored vs uint8-stored 4-bit")):
         eq = report.get(key)
         if eq:
@@ -291,7 +293,8 @@ def main() -> None:
         if rc != 0:
             eq2 = work / "eq_fsdp_staged"
             rc, _ = runner.run("equality: 2 FSDP ranks on cuda:0, collectives staged through CPU",
-                               [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu", "--trace-first-forward"], 150)
+                               [*torchrun(2), DRIVER, *fast, "--out", eq2, "--same-gpu", "--stage-through-cpu",
+                                "--trace-first-forward"], 150)
             staged = ["--stage-through-cpu"] if rc == 0 else []
     # Should the two differ: is it the sharding (2 ranks vs FSDP over a group of one), or FSDP's code path itself
     # (one rank vs no FSDP), or only the 4-bit bytes stored as bf16 (no FSDP either way)?
@@ -303,7 +306,7 @@ def main() -> None:
                     "compute"], 120)
     report["fsdp_collectives_staged_through_cpu"] = bool(staged)
     pairs = {"equality": (eq1, eq2), "fsdp_2_ranks_vs_1_rank": (eq_fsdp1, eq2),
-             "fsdp_1_rank_vs_no_fsdp_float_storage": (eq1_float, eq_fsdp1), "float_vs_uint8_storage": (eq1, eq1_float)}
+             "fsdp_1_rank_vs_no_fsdp": (eq1, eq_fsdp1), "float_vs_uint8_storage": (eq1, eq1_float)}
     for key, (a, b) in pairs.items():
         if driver_result(a) and driver_result(b):
             report[key] = compare_runs(driver_result(a), driver_result(b), a, b)

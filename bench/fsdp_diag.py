@@ -148,7 +148,7 @@ def run_stage(stage: str, work: Path, device_type: str) -> None:
 
         fast = stage in ("model_fast", "model_staged")
         base = load_base_model(work / "model", device=device, compute_dtype=torch.bfloat16,
-                               quant_storage=torch.bfloat16, attn_implementation="flex_attention" if fast else "sdpa")
+                               attn_implementation="flex_attention" if fast else "sdpa")
         fsdp.offload_embeddings(base)
         peft_model = apply_lora(base, r=16, checkpoint_layers=1, kernels="liger" if fast else "none")
         step = fsdp.shard(TrainStep(peft_model), device)

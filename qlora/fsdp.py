@@ -5,7 +5,7 @@ and lm_head) plus activations does not fit a 40 GB A100 that way. Here each of N
 weight, the input embeddings, LoRA masters, gradients and optimizer state, and gathers one decoder block's weights
 at a time:
 
-    base = load_base_model(model_dir, device=device, compute_dtype=dt, quant_storage=dt)  # NF4 packed in dt
+    base = load_base_model(model_dir, device=device)   # NF4 bytes in uint8, bitsandbytes' default
     offload_embeddings(base)          # room for peft's fp32 LoRA masters, which are created whole
     peft_model = apply_lora(base, ...)
     train_step = shard(TrainStep(peft_model), device)       # fully_shard per block, embeddings, then the root
@@ -19,11 +19,15 @@ What is taken from the libraries and what is not:
     compute) nothing is cast. Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
     DDP's all-reduce does, so the training loop's loss scaling (world / label tokens of the global batch) gives the
     same update as one process with the same global batch.
-  * The packed NF4 bytes are stored in the compute dtype (`bnb_4bit_quant_storage`: bf16 pairs on the GPU, fp32
-    quadruples on the CPU; the same bytes and kernels), so each block is all-gathered in one collective with its
-    norms and LoRA weights, and no cast ever touches the bytes: FSDP casts every weight it gathers to param_dtype,
-    which would turn bf16-stored bytes into other, meaningless ones under fp32 compute. This is the form
-    bitsandbytes and accelerate document for FSDP (accelerate leaves uint8-stored 4-bit weights unsharded).
+  * The packed NF4 bytes stay in uint8, bitsandbytes' default storage. FSDP2 casts only floating-point weights to
+    param_dtype, and gathers a unit whose weights differ in dtype as raw bytes (one collective per block, its norms
+    and LoRA weights with it), so the 4-bit weights arrive bit for bit. Stored in bf16 instead
+    (`bnb_4bit_quant_storage`, the form bitsandbytes and accelerate document for FSDP1, whose flat parameters need one
+    dtype), a block is gathered as bf16 values, and on the GPU the copies around FSDP2's all-gather rewrote the byte
+    pairs that read as NaN: measured on an H200 (torch 2.11), 24 to 104 changed values in every 4-bit weight of a
+    small model and a loss 5.5e-5 (relative) away from one process's from the first step; with uint8 storage every
+    gathered weight is the original (bench/RESULTS.md, "FSDP2 on one GPU"). The CPU's copies keep every bit, so
+    the CPU tests could not show it.
   * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
     constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
     costs its 1/N shard plus the gathered head (and FSDP's gather buffers), more than the whole head for any N:
@@ -101,7 +105,7 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
     the input embeddings (resharded after use: the backward never needs them; shard_embeddings=False keeps them
     whole); then the root, whose forward is the training step and which holds the final norm for the whole step (a
     vector). The lm_head stays whole on every process (module doc), tied embeddings too.
-    The 4-bit weights must be stored in the compute dtype (load_base_model(..., quant_storage=compute_dtype)).
+    The 4-bit weights must be stored in an integer dtype (load_base_model's default uint8; module doc says why).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -116,9 +120,10 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
     compute_dtype = embed.weight.dtype  # load_base_model keeps every unquantised weight in the compute dtype
     for lin in _linear4bit_modules(base):
-        if lin.weight.dtype != compute_dtype:
-            raise UserError(f"4-bit weights stored as {lin.weight.dtype} under {compute_dtype} compute: load the base "
-                            f"to shard with load_base_model(..., quant_storage=compute_dtype)")
+        if lin.weight.dtype.is_floating_point:
+            raise UserError(f"4-bit weights stored as {lin.weight.dtype}: FSDP would gather their bytes as "
+                            f"{lin.weight.dtype} values and the GPU's copies rewrite those that read as NaN; load the "
+                            f"base to shard with load_base_model(..., quant_storage=torch.uint8), the default")
         if lin.quant_state is None:  # bitsandbytes sets it when it quantises; prequantised loads may not
             lin.quant_state = lin.weight.quant_state
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

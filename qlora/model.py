@@ -139,8 +139,8 @@ def load_base_model(model_dir: str | os.PathLike, *, quantize: str = "nf4", attn
     quantize="none": plain weights in the compute dtype (for merging or when bitsandbytes is unavailable).
     device: "cpu", "cuda", "cuda:N" or a torch.device; the whole model goes to that one device.
     compute_dtype: default `resolve_compute_dtype("auto", device)` (bf16 on CUDA, fp32 on the CPU).
-    quant_storage: the dtype the packed 4-bit bytes are stored in: the compute dtype to shard with FSDP
-    (qlora/fsdp.py says why). The bytes and every kernel are the same either way.
+    quant_storage: the dtype the packed 4-bit bytes are stored in; the bytes and every kernel are the same either way.
+    Keep uint8 to shard with FSDP (qlora/fsdp.py says why).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

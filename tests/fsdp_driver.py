@@ -199,9 +199,9 @@ def main() -> None:
     ap.add_argument("--trace-first-forward", action="store_true",
                     help="record a hash and the sum of every module's output in step 1's forwards (result.json's "
                          "first_forward_trace_per_rank), to find where 2 ranks part from one process")
-    ap.add_argument("--quant-storage", default="auto", choices=["auto", "uint8", "compute"],
-                    help="dtype of the packed 4-bit bytes; auto: the compute dtype when sharded (FSDP needs it), "
-                         "else uint8")
+    ap.add_argument("--quant-storage", default="uint8", choices=["uint8", "compute"],
+                    help="dtype of the packed 4-bit bytes: uint8 (bitsandbytes' default, what qlora.fsdp.shard "
+                         "takes) or the compute dtype (one process only: the storage alone changes nothing)")
     args = ap.parse_args()
 
     import bitsandbytes as bnb
@@ -242,8 +242,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     compute_dtype = resolve_compute_dtype(args.compute_dtype, device)
-    storage = {"auto": compute_dtype if sharded else torch.uint8, "uint8": torch.uint8,
-               "compute": compute_dtype}[args.quant_storage]
+    storage = {"uint8": torch.uint8, "compute": compute_dtype}[args.quant_storage]
     base = load_base_model(args.model, attn_implementation=args.attn, device=device, compute_dtype=compute_dtype,
                            quant_storage=storage)
     if sharded:

@@ -59,10 +59,6 @@ def fsdp_rows(tmp_path_factory, untied_model_dir):
                       random_rows(untied_model_dir, 40, 64, seed=1))
 
 
-# The 4-bit bytes stored in the compute dtype, as qlora.fsdp.shard needs: fp32 on the CPU.
-SHARDABLE = dict(quant_storage=torch.float32)
-
-
 def two_rows(data_dir) -> dict:
     from qlora.data import PackedShards
     from qlora.shards import read_shard_metadata
@@ -83,12 +79,12 @@ def quant_state_seen_by_mlps(peft_model) -> list:
 # ----------------------------------------------------------------------------------------------- sharding (fast)
 def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied_model_dir, fsdp_rows):
     """The loss is unchanged by sharding (bit for bit: the fp32 compute of the CPU gathers every weight in fp32, and
-    the 4-bit bytes stored in fp32 pass uncast), and each gathered 4-bit weight carries its quant state (control:
+    the uint8-stored 4-bit bytes as bytes), and each gathered 4-bit weight carries its quant state (control:
     plain fully_shard drops it; qlora/speed.py's fused MLP would then quietly fall back to the unfused path)."""
     from torch.distributed.fsdp import fully_shard
 
     batch = two_rows(fsdp_rows)
-    model = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
+    model = apply_lora(load_base_model(untied_model_dir), r=8)
     before, _ = forward_loss(model, batch)
     seen = quant_state_seen_by_mlps(model)
     step = fsdp.shard(TrainStep(model), "cpu")
@@ -98,7 +94,7 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied
     assert after.item() == before.item()
     assert seen == [True, True]
 
-    plain = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
+    plain = apply_lora(load_base_model(untied_model_dir), r=8)
     seen = quant_state_seen_by_mlps(plain)
     plain_step = TrainStep(plain)
     for layer in plain.get_base_model().model.layers:
@@ -108,12 +104,11 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied
     assert seen == [False, False]
 
 
-@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
-def test_shard_refuses_4bit_weights_stored_in_another_dtype_than_the_compute(one_process_group, untied_model_dir,
-                                                                            storage):
-    """uint8: FSDP would gather it as bytes beside fp32 weights; bf16 under fp32 compute: the gather would cast it."""
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_shard_refuses_4bit_weights_stored_in_a_float_dtype(one_process_group, untied_model_dir, storage):
+    """FSDP would gather them as float values: on the GPU its copies rewrote the byte pairs that read as NaN."""
     model = apply_lora(load_base_model(untied_model_dir, quant_storage=storage), r=8)
-    with pytest.raises(UserError, match=f"stored as {storage} under torch.float32 compute.*quant_storage=compute_dtype"):
+    with pytest.raises(UserError, match=f"stored as {storage}: .*quant_storage=torch.uint8"):
         fsdp.shard(TrainStep(model), "cpu")
 
 
@@ -144,7 +139,7 @@ def test_lm_head_stays_whole_and_the_rest_is_sharded(one_process_group, untied_m
 
     batch = two_rows(fsdp_rows)
     for shard_embeddings in (True, False):
-        model = apply_lora(load_base_model(untied_model_dir, **SHARDABLE), r=8)
+        model = apply_lora(load_base_model(untied_model_dir), r=8)
         step = fsdp.shard(TrainStep(model), "cpu", shard_embeddings=shard_embeddings)
         base = model.get_base_model()
         assert not isinstance(base.lm_head.weight, DTensor)
@@ -159,7 +154,7 @@ def test_lm_head_stays_whole_and_the_rest_is_sharded(one_process_group, untied_m
         assert base.lm_head.weight.grad is None and base.model.embed_tokens.weight.grad is None
         assert "did not run forward" not in caplog.text
 
-    tied = apply_lora(load_base_model(tiny_model_dir, **SHARDABLE), r=8)
+    tied = apply_lora(load_base_model(tiny_model_dir), r=8)
     tied_step = fsdp.shard(TrainStep(tied), "cpu", shard_embeddings=True)
     tied_step(**two_rows(fsdp_rows))
     assert not isinstance(tied.get_base_model().lm_head.weight, DTensor)
@@ -200,9 +195,8 @@ os._exit(0)  # gloo's teardown at interpreter exit aborted now and then (torch 2
     assert "GATHERED {'0.bias': (5,), '0.weight': (5, 3), '1.bias': (1,), '1.weight': (1, 5)}" in proc.stdout
 
 
-def test_two_ranks_gather_the_bf16_stored_4bit_bytes_bit_for_bit(tmp_path, untied_model_dir, fsdp_rows):
-    """bf16 compute on the CPU (the GPU's dtype; the 4-bit bytes then stored as bf16 pairs, some of them NaN
-    patterns): every weight 2 FSDP ranks gather for their first forward equals, bit for bit, the weight before
+def test_two_ranks_gather_the_4bit_bytes_bit_for_bit(tmp_path, untied_model_dir, fsdp_rows):
+    """bf16 compute on the CPU (the GPU's dtype): every weight 2 FSDP ranks gather for their first forward equals, bit for bit, the weight before
     sharding, and the first 2 steps' losses equal one process's with grad-accum 2 on the same rows (tests/
     fsdp_driver.py --check-gathered). The GPU bench runs the same check on cuda:0."""
     driver = [str(ROOT / "tests" / "fsdp_driver.py"), "--model", str(untied_model_dir), "--data", str(fsdp_rows),
