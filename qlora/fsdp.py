@@ -24,7 +24,7 @@ What is taken from the libraries and what is not:
     and LoRA weights with it), so the 4-bit weights arrive bit for bit. Stored in bf16 instead
     (`bnb_4bit_quant_storage`, the form bitsandbytes and accelerate document for FSDP1, whose flat parameters need one
     dtype), a block is gathered as bf16 values, and on the GPU the copies around FSDP2's all-gather rewrote the byte
-    pairs that read as NaN: measured on an H200 (torch 2.11), 24 to 104 changed values in every 4-bit weight of a
+    pairs that read as NaN: measured on an H200 (torch 2.11), 21 to 130 changed values in every 4-bit weight of a
     small model and a loss 5.5e-5 (relative) away from one process's from the first step; with uint8 storage every
     gathered weight is the original (bench/RESULTS.md, "FSDP2 on one GPU"). The CPU's copies keep every bit, so
     the CPU tests could not show it.
