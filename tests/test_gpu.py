@@ -343,3 +343,54 @@ def test_ddp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path, f
     worst = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
     print(f"{flags} final adapter: largest difference {worst:.3g}")
     assert worst <= 1e-4
+
+
+def test_fsdp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path):
+    """finetune.py under FSDP on CUDA (issue 12): 2 ranks x micro-batch 1 on cuda:0 (gloo, QLORA_TEST_ONE_GPU) against
+    one process x grad-accum 2 on the same rows, fast path. The first step's loss is the same forward on the same
+    weights: equal to the last bit (with the 4-bit bytes stored as bf16, FSDP's gather on the GPU changed their NaN
+    patterns: 5.5e-5 apart, bench/RESULTS.md). Later steps 1e-5 relative (the issue's target: the gradients are
+    summed in another order), and the adapter within 1e-3 (the CPU test's bound: the 8-bit optimizer state turns a
+    last-bit gradient difference into larger weight differences)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from qlora.distributed import ONE_GPU_TEST_HOOK
+    from shard_fixtures import pretokenized_task
+
+    root = Path(__file__).resolve().parent.parent
+    data = pretokenized_task(tmp_path / "data", small_model_dir, n_train=48, n_val=8, max_len=256)
+    common = [str(c) for c in ["--model", small_model_dir, "--data", data, "--micro-batch-size", 1, "--max-steps", 5,
+                               "--save-every", 5, "--eval-every", 5, "--lr", "1e-3", "--seed", 0]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           ONE_GPU_TEST_HOOK: "1"}
+    sharded, single = tmp_path / "fsdp2", tmp_path / "single"
+    for cmd, run in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(root / "finetune.py"), "--grad-accum", "1", "--parallelism", "fsdp"], sharded),
+                     ([sys.executable, str(root / "finetune.py"), "--grad-accum", "2"], single)):
+        proc = subprocess.run([*cmd, *common, "--output-dir", str(run)], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = json.loads((sharded / "config.json").read_text())["resolved"]
+    assert resolved["world_size"] == 2 and resolved["parallelism"] == "fsdp" and resolved["kernels"] == "liger"
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    two, one = losses(sharded), losses(single)
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5]
+    for step in one:
+        print(f"step {step}: loss {two[step]:.9f} (FSDP) vs {one[step]:.9f}")
+    assert two[1] == one[1]
+    assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
+    assert all(one[s] != pytest.approx(one[s + 1], rel=1e-3) for s in (1, 2, 3, 4))  # control: other rows
+    w2 = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
+    w1 = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    assert w2.keys() == w1.keys()
+    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) <= 1e-3
