@@ -310,12 +310,12 @@ def main() -> None:
     for key, (a, b) in pairs.items():
         if driver_result(a) and driver_result(b):
             report[key] = compare_runs(driver_result(a), driver_result(b), a, b)
-    if driver_result(eq2):
-        res2 = driver_result(eq2)
+    res1, res2 = driver_result(eq1), driver_result(eq2)
+    if res2:
         report["gathered_mismatches_per_rank"] = res2.get("gathered_mismatches_per_rank")
-        if driver_result(eq1):
-            report["first_divergence"] = first_divergence(driver_result(eq1), res2)
-        report["row_losses"] = {"one_process": (driver_result(eq1) or {}).get("micro_losses_per_rank"),
+        if res1:
+            report["first_divergence"] = first_divergence(res1, res2)
+        report["row_losses"] = {"one_process": (res1 or {}).get("micro_losses_per_rank"),
                                 "fsdp_2_ranks": res2.get("micro_losses_per_rank")}
     if args.equality_variants:
         report["variants"] = equality_variants(runner, work, small, rows512, eq1, args.equality_variants.split(","))

@@ -196,9 +196,9 @@ os._exit(0)  # gloo's teardown at interpreter exit aborted now and then (torch 2
 
 
 def test_two_ranks_gather_the_4bit_bytes_bit_for_bit(tmp_path, untied_model_dir, fsdp_rows):
-    """bf16 compute on the CPU (the GPU's dtype): every weight 2 FSDP ranks gather for their first forward equals, bit for bit, the weight before
-    sharding, and the first 2 steps' losses equal one process's with grad-accum 2 on the same rows (tests/
-    fsdp_driver.py --check-gathered). The GPU bench runs the same check on cuda:0."""
+    """bf16 compute on the CPU (the GPU's dtype): every weight 2 FSDP ranks gather for their first forward equals, bit
+    for bit, the weight before sharding, and the first 2 steps' losses equal one process's with grad-accum 2 on the
+    same rows (tests/fsdp_driver.py --check-gathered). The GPU bench runs the same check on cuda:0."""
     driver = [str(ROOT / "tests" / "fsdp_driver.py"), "--model", str(untied_model_dir), "--data", str(fsdp_rows),
               "--steps", "2", "--compute-dtype", "bf16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

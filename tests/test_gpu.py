@@ -284,6 +284,52 @@ def test_continuous_decoding_matches_generate(decode_model_dir, weights):
                                 use_graph=True)
 
 
+def finetune_two_ranks_and_one(model_dir, tmp_path, flags, ranks_flags=()):
+    """finetune.py with `flags` as 2 ranks x micro-batch 1 on cuda:0 (gloo, through the QLORA_TEST_ONE_GPU hook: NCCL
+    refuses two ranks on one device) and as one process x grad-accum 2 on the same rows; `ranks_flags` for the 2
+    ranks only. Returns (the 2 ranks' run directory, the one process's)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qlora.distributed import ONE_GPU_TEST_HOOK
+    from shard_fixtures import pretokenized_task
+
+    root = Path(__file__).resolve().parent.parent
+    data = pretokenized_task(tmp_path / "data", model_dir, n_train=48, n_val=8, max_len=256)
+    common = [str(c) for c in ["--model", model_dir, "--data", data, "--micro-batch-size", 1, "--lr", "1e-3",
+                               "--seed", 0, *flags]]
+    # keep PYTHONPATH's entries (the device machine's carried wheels live there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           ONE_GPU_TEST_HOOK: "1"}
+    run2, run1 = tmp_path / "ranks2", tmp_path / "single"
+    for cmd, run in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(root / "finetune.py"), "--grad-accum", "1", *ranks_flags], run2),
+                     ([sys.executable, str(root / "finetune.py"), "--grad-accum", "2"], run1)):
+        proc = subprocess.run([*cmd, *common, "--output-dir", str(run)], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return run2, run1
+
+
+def step_records(run) -> dict:
+    """metrics.jsonl's training records of a run directory, by step."""
+    import json
+
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def adapter_difference(run_a, run_b) -> float:
+    """The largest absolute difference between two runs' final adapters (same weight names asserted)."""
+    from safetensors.torch import load_file
+
+    wa = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
 @pytest.mark.parametrize("flags", [[], ["--low-memory"]], ids=["fast-path", "low-memory"])
 def test_ddp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path, flags):
     """finetune.py's own CUDA DDP code (issue 13): 2 ranks x micro-batch 1 on cuda:0 (gloo, through the
@@ -292,38 +338,14 @@ def test_ddp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path, f
     recomputed). Same per-step losses and gradient norms (1e-4 relative: only the summation order of the gradients
     differs), bit-identical LoRA weights on both ranks at every checkpoint, and the same final adapter (1e-4)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    from qlora.distributed import ONE_GPU_TEST_HOOK
-    from shard_fixtures import pretokenized_task
-
-    root = Path(__file__).resolve().parent.parent
-    data = pretokenized_task(tmp_path / "data", small_model_dir, n_train=48, n_val=8, max_len=256)
-    common = [str(c) for c in ["--model", small_model_dir, "--data", data, "--micro-batch-size", 1, "--max-steps", 4,
-                               "--save-every", 2, "--eval-every", 4, "--lr", "1e-3", "--seed", 0, *flags]]
-    # keep PYTHONPATH's entries (the device machine's carried wheels live there)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-           ONE_GPU_TEST_HOOK: "1"}
-    run2, run1 = tmp_path / "ddp2", tmp_path / "single"
-    for cmd, run in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                       str(root / "finetune.py"), "--grad-accum", "1"], run2),
-                     ([sys.executable, str(root / "finetune.py"), "--grad-accum", "2"], run1)):
-        proc = subprocess.run([*cmd, *common, "--output-dir", str(run)], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    run2, run1 = finetune_two_ranks_and_one(small_model_dir, tmp_path,
+                                            ["--max-steps", 4, "--save-every", 2, "--eval-every", 4, *flags])
     resolved2 = json.loads((run2 / "config.json").read_text())["resolved"]
     assert resolved2["world_size"] == 2 and resolved2["device"] == "cuda:0" and resolved2["kernels"] == "liger"
     assert resolved2["attn_implementation"] == "flex_attention"
 
-    def records(run):
-        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-
-    two, one = records(run2), records(run1)
+    two, one = step_records(run2), step_records(run1)
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for step in one:
         print(f"{flags} step {step}: loss {two[step]['loss']:.9f} vs {one[step]['loss']:.9f}, grad norm "
@@ -337,10 +359,7 @@ def test_ddp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path, f
         digests = json.loads((run2 / f"checkpoints/step-{step:07d}/trainer_state.json").read_text())[
             "lora_sha256_per_rank"]
         assert len(digests) == 2 and digests[0] == digests[1], f"ranks diverged at step {step}"
-    w2 = load_file(str(run2 / "adapter" / "adapter_model.safetensors"))
-    w1 = load_file(str(run1 / "adapter" / "adapter_model.safetensors"))
-    assert w2.keys() == w1.keys()
-    worst = max(float((w2[k] - w1[k]).abs().max()) for k in w1)
+    worst = adapter_difference(run2, run1)
     print(f"{flags} final adapter: largest difference {worst:.3g}")
     assert worst <= 1e-4
 
@@ -353,44 +372,19 @@ def test_fsdp_two_ranks_on_one_gpu_match_one_process(small_model_dir, tmp_path):
     summed in another order), and the adapter within 1e-3 (the CPU test's bound: the 8-bit optimizer state turns a
     last-bit gradient difference into larger weight differences)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from safetensors.torch import load_file
-
-    from qlora.distributed import ONE_GPU_TEST_HOOK
-    from shard_fixtures import pretokenized_task
-
-    root = Path(__file__).resolve().parent.parent
-    data = pretokenized_task(tmp_path / "data", small_model_dir, n_train=48, n_val=8, max_len=256)
-    common = [str(c) for c in ["--model", small_model_dir, "--data", data, "--micro-batch-size", 1, "--max-steps", 5,
-                               "--save-every", 5, "--eval-every", 5, "--lr", "1e-3", "--seed", 0]]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-           ONE_GPU_TEST_HOOK: "1"}
-    sharded, single = tmp_path / "fsdp2", tmp_path / "single"
-    for cmd, run in (([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                       str(root / "finetune.py"), "--grad-accum", "1", "--parallelism", "fsdp"], sharded),
-                     ([sys.executable, str(root / "finetune.py"), "--grad-accum", "2"], single)):
-        proc = subprocess.run([*cmd, *common, "--output-dir", str(run)], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, single = finetune_two_ranks_and_one(small_model_dir, tmp_path,
+                                                 ["--max-steps", 5, "--save-every", 5, "--eval-every", 5],
+                                                 ranks_flags=["--parallelism", "fsdp"])
     resolved = json.loads((sharded / "config.json").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["parallelism"] == "fsdp" and resolved["kernels"] == "liger"
 
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
-
-    two, one = losses(sharded), losses(single)
+    two = {s: r["loss"] for s, r in step_records(sharded).items()}
+    one = {s: r["loss"] for s, r in step_records(single).items()}
     assert sorted(two) == sorted(one) == [1, 2, 3, 4, 5]
     for step in one:
         print(f"step {step}: loss {two[step]:.9f} (FSDP) vs {one[step]:.9f}")
     assert two[1] == one[1]
     assert all(two[s] == pytest.approx(one[s], rel=1e-5) for s in one)
     assert all(one[s] != pytest.approx(one[s + 1], rel=1e-3) for s in (1, 2, 3, 4))  # control: other rows
-    w2 = load_file(str(sharded / "adapter" / "adapter_model.safetensors"))
-    w1 = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    assert w2.keys() == w1.keys()
-    assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) <= 1e-3
+    assert adapter_difference(sharded, single) <= 1e-3
