@@ -58,6 +58,8 @@ accumulates only its fp32 shard instead of the whole unsharded gradient (no `no_
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import UserError
@@ -88,6 +90,33 @@ def _restore_quant_state(linears):
                 lin.weight.quant_state = lin.quant_state  # the gathered weight is reused every step: set once
 
     return hook
+
+
+@contextlib.contextmanager
+def _integer_parameters_allowed():
+    """Let torch < 2.13's fully_shard take the uint8 4-bit weights.
+
+    Before 2.13 fully_shard builds each sharded parameter as `nn.Parameter(t)` (requires_grad=True) and only then
+    copies the original's requires_grad, which fails for an integer tensor ("only Tensors of floating point dtype can
+    require gradients"; pytorch issue #177844, fixed by passing requires_grad to the constructor). The GPU image's
+    torch 2.11 has it; install_prereqs pins 2.13. Meanwhile a Parameter built without requires_grad gets it only if
+    its dtype can have gradients, which changes nothing for float tensors.
+    """
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+        yield
+        return
+    real_new = torch.nn.Parameter.__dict__["__new__"]
+
+    def new(cls, data=None, requires_grad=None):
+        if requires_grad is None:
+            requires_grad = data is None or data.is_floating_point() or data.is_complex()
+        return real_new(cls, data, requires_grad)
+
+    torch.nn.Parameter.__new__ = new
+    try:
+        yield
+    finally:
+        torch.nn.Parameter.__new__ = real_new
 
 
 def mixed_precision(compute_dtype: torch.dtype):
@@ -130,7 +159,8 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
     kw = dict(mesh=mesh, mp_policy=mixed_precision(compute_dtype))
     for block in decoder_layers(base):
         linears = _linear4bit_modules(block)
-        fully_shard(block, reshard_after_forward=True, **kw)
+        with _integer_parameters_allowed():
+            fully_shard(block, reshard_after_forward=True, **kw)
         block.register_forward_pre_hook(_restore_quant_state(linears))
     for m in (embed, head):
         m.to(device)  # back from offload_embeddings, after the blocks shrank

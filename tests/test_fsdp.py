@@ -104,6 +104,33 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied
     assert seen == [False, False]
 
 
+def test_shard_takes_uint8_weights_under_torch_before_2_13(one_process_group, untied_model_dir, fsdp_rows,
+                                                          monkeypatch):
+    """torch < 2.13 (the GPU image has 2.11) builds each sharded parameter as nn.Parameter(t) before copying
+    requires_grad, which fails for uint8 (pytorch #177844). Emulated here on 2.13: without the shim fully_shard fails
+    as it did on the GPU, with it the loss is the unsharded one; nn.Parameter is restored after."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    real_init = FSDPParam._init_sharded_param
+
+    def init_as_before_2_13(self, param, *args, **kwargs):
+        torch.nn.Parameter(param.detach()[:0])  # torch 2.11's call: no requires_grad
+        return real_init(self, param, *args, **kwargs)
+
+    monkeypatch.setattr(FSDPParam, "_init_sharded_param", init_as_before_2_13)
+    batch = two_rows(fsdp_rows)
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    with pytest.raises(RuntimeError, match="can require gradients"):
+        fsdp.shard(TrainStep(apply_lora(load_base_model(untied_model_dir), r=8)), "cpu")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    model = apply_lora(load_base_model(untied_model_dir), r=8)
+    before, _ = forward_loss(model, batch)
+    after, _ = fsdp.shard(TrainStep(model), "cpu")(**batch)
+    assert after.item() == before.item()
+    with pytest.raises(RuntimeError, match="can require gradients"):
+        torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
 def test_shard_refuses_4bit_weights_stored_in_a_float_dtype(one_process_group, untied_model_dir, storage):
     """FSDP would gather them as float values: on the GPU its copies rewrote the byte pairs that read as NaN."""
