@@ -158,11 +158,11 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
             lin.quant_state = lin.weight.quant_state
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = dict(mesh=mesh, mp_policy=mixed_precision(compute_dtype))
-    for block in decoder_layers(base):
-        linears = _linear4bit_modules(block)
-        with _integer_parameters_allowed():
+    with _integer_parameters_allowed():
+        for block in decoder_layers(base):
+            linears = _linear4bit_modules(block)
             fully_shard(block, reshard_after_forward=True, **kw)
-        block.register_forward_pre_hook(_restore_quant_state(linears))
+            block.register_forward_pre_hook(_restore_quant_state(linears))
     for m in (embed, head):
         m.to(device)  # back from offload_embeddings, after the blocks shrank
     whole = {head.weight, embed.weight}
