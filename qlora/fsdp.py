@@ -14,21 +14,22 @@ at a time:
 What is taken from the libraries and what is not:
   * Sharding, gathering, mixed precision and gradient reduce-scatter are FSDP2's: `fully_shard` on every decoder
     block (one unit each: gathered just before the block runs, freed after), on the input embeddings, then on the
-    root (the final norm). MixedPrecisionPolicy(param_dtype=compute dtype, reduce_dtype=fp32): on the GPU
-    the fp32 LoRA masters are gathered in bf16 (the dtype autocast computes them in anyway); on the CPU (fp32
-    compute) nothing is cast. Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
+    root (the final norm). MixedPrecisionPolicy(param_dtype=None, reduce_dtype=fp32): nothing is cast when
+    gathered (the LoRA masters arrive in fp32 and autocast casts them at each matmul, as in one process; the 4-bit
+    bytes arrive as bytes). Gradients are reduce-scattered in fp32. FSDP's reduce-scatter averages over ranks as
     DDP's all-reduce does, so the training loop's loss scaling (world / label tokens of the global batch) gives the
     same update as one process with the same global batch.
-  * The packed NF4 bytes stay in uint8, bitsandbytes' default storage. FSDP2 casts only floating-point weights to
-    param_dtype, and gathers a unit whose weights differ in dtype as raw bytes (one collective per block, its norms
-    and LoRA weights with it), so the 4-bit weights arrive bit for bit. Stored in bf16 instead
+  * The packed NF4 bytes stay in uint8, bitsandbytes' default storage. FSDP2 gathers a unit whose weights differ in
+    dtype as raw bytes (one collective per block, its norms and LoRA weights with it), so the 4-bit weights arrive
+    bit for bit. Stored in bf16 instead
     (`bnb_4bit_quant_storage`, the form bitsandbytes and accelerate document for FSDP1, whose flat parameters need one
     dtype), a block is gathered as bf16 values, and on the GPU the copies around FSDP2's all-gather rewrote the byte
     pairs that read as NaN: measured on an H200 (torch 2.11), 21 to 130 changed values in every 4-bit weight of a
     small model and a loss 5.5e-5 (relative) away from one process's from the first step (bench/RESULTS.md, "FSDP2
     on one GPU"). The CPU's copies keep every bit, so the CPU tests could not show it; with uint8 storage they gather
     every weight bit for bit (tests/test_fsdp.py), the same check on the GPU is still to run. torch < 2.13 needs
-    `_integer_parameters_allowed` for fully_shard to take uint8 weights at all.
+    `_integer_parameters_allowed` for fully_shard to take uint8 weights at all, and casts even integer weights to a
+    param_dtype (hence None: `mixed_precision`).
   * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
     constants. It is needed whole at the peak (the end of the forward, every activation held), where a sharded head
     costs its 1/N shard plus the gathered head (and FSDP's gather buffers), more than the whole head for any N:
@@ -120,12 +121,15 @@ def _integer_parameters_allowed():
         torch.nn.Parameter.__new__ = real_new
 
 
-def mixed_precision(compute_dtype: torch.dtype):
+def mixed_precision():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    # param_dtype = the dtype the 4-bit bytes are stored in, so gathering never casts them.
+    # param_dtype=None: nothing is cast when gathered. The 4-bit bytes must not be: torch < 2.13 casts integer weights
+    # to param_dtype too (uint8 0..255 as bf16 values, read back by bitsandbytes as other bytes: on an H100 under
+    # torch 2.11 the loss sat at ~ln(vocab) and never fell). The LoRA weights stay the fp32 masters that autocast casts
+    # at each matmul, as without FSDP, so their gradients are the fp32 ones one process computes.
     # cast_forward_inputs=False: forward_loss's autocast decides every compute dtype, as without FSDP.
-    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True) -> torch.nn.Module:
@@ -148,7 +152,6 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
     device = torch.device(device)
     base = train_step.model.get_base_model()
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-    compute_dtype = embed.weight.dtype  # load_base_model keeps every unquantised weight in the compute dtype
     for lin in _linear4bit_modules(base):
         if lin.weight.dtype.is_floating_point:
             raise UserError(f"4-bit weights stored as {lin.weight.dtype}: FSDP would gather their bytes as "
@@ -157,7 +160,7 @@ def shard(train_step: torch.nn.Module, device, *, shard_embeddings: bool = True)
         if lin.quant_state is None:  # bitsandbytes sets it when it quantises; prequantised loads may not
             lin.quant_state = lin.weight.quant_state
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    kw = dict(mesh=mesh, mp_policy=mixed_precision(compute_dtype))
+    kw = dict(mesh=mesh, mp_policy=mixed_precision())
     with _integer_parameters_allowed():
         for block in decoder_layers(base):
             linears = _linear4bit_modules(block)

@@ -29,8 +29,8 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
     (bitsandbytes keeps them on every Linear4bit, outside FSDP), nor is the lm_head (whole on every process:
     sharded, gathering it at the peak would cost more, qlora/fsdp.py; tied embeddings likewise). Gathered for a
     while: up to three blocks (the one computing, the next one prefetched, and that one's all-gather buffer until it
-    is copied out) plus one block's unsharded bf16 LoRA gradients and their fp32 copy for the reduce-scatter. No DDP
-    buckets. Reserved beyond the allocated peak: twice the embeddings, as measured (see estimate_memory). Loading:
+    is copied out; their LoRA in fp32, the dtype they are kept in) plus one block's unsharded fp32 LoRA gradients and
+    their copy for the reduce-scatter. No DDP buckets. Reserved beyond the allocated peak: twice the embeddings, as measured (see estimate_memory). Loading:
     qlora/fsdp.py loads the whole 4-bit model on each GPU before sharding it, so the larger of "4-bit model +
     embeddings" and "4-bit model + whole fp32 LoRA masters" (the embeddings wait on the CPU meanwhile) must fit too
     (`load_bytes`).
@@ -195,8 +195,8 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     if fsdp and shards > 1:
         block_weights = base_bytes // layers + 2 * h * unq_dtype
         block_lora = trainable // layers
-        blocks_gathered = 3 * (block_weights + 2 * block_lora)
-        lora_grad_buffers = block_lora * (2 + 4)
+        blocks_gathered = 3 * (block_weights + 4 * block_lora)
+        lora_grad_buffers = block_lora * (4 + 4)
     static = sum(b for _, b, inside, _ in rows if inside)
 
     per_tok = activation_bytes_per_token(cfg, kernels=kernels, fused_mlp=fused_mlp, lora_r=lora_r,
@@ -211,8 +211,8 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
         rows.append(("  one block recomputed in the backward", block_full, True, ""))
     if blocks_gathered:
         rows.append(("FSDP: 3 blocks gathered", blocks_gathered, True,
-                     "computing, prefetched, all-gather buffer: 4-bit weights + bf16 LoRA"))
-        rows.append(("FSDP: LoRA grads of one block", lora_grad_buffers, True, "bf16 + fp32 copy for the reduce-scatter"))
+                     "computing, prefetched, all-gather buffer: 4-bit weights + fp32 LoRA"))
+        rows.append(("FSDP: LoRA grads of one block", lora_grad_buffers, True, "fp32 + its copy for the reduce-scatter"))
     # transient at the start of the backward: gradient of the residual stream and of the MLP activation
     transient = tokens * (2 * h + 2 * cfg["intermediate_size"]) if n_ckpt < layers else 0
     if transient:

@@ -107,26 +107,40 @@ def test_sharded_blocks_compute_with_their_quant_state(one_process_group, untied
 def test_shard_takes_uint8_weights_under_torch_before_2_13(one_process_group, untied_model_dir, fsdp_rows,
                                                           monkeypatch):
     """torch < 2.13 (the GPU image has 2.11) builds each sharded parameter as nn.Parameter(t) before copying
-    requires_grad, which fails for uint8 (pytorch #177844). Emulated here on 2.13: without the shim fully_shard fails
-    as it did on the GPU, with it the loss is the unsharded one; nn.Parameter is restored after."""
+    requires_grad, which fails for uint8 (pytorch #177844), and casts integer weights to the policy's param_dtype like
+    float ones (on an H100 the loss then sat at ~ln(vocab)). Both emulated here on 2.13, the cast with the CPU's
+    param_dtype fp32: without the shim fully_shard fails as it did on the GPU; with it and param_dtype=None the loss is
+    the unsharded one, where fp32 would have cast the bytes; nn.Parameter is restored after."""
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
-    real_init = FSDPParam._init_sharded_param
+    real_init, real_dtype_attrs = FSDPParam._init_sharded_param, FSDPParam.init_dtype_attrs
 
     def init_as_before_2_13(self, param, *args, **kwargs):
         torch.nn.Parameter(param.detach()[:0])  # torch 2.11's call: no requires_grad
         return real_init(self, param, *args, **kwargs)
 
+    def dtype_attrs_as_before_2_13(self, mp_policy):
+        real_dtype_attrs(self, mp_policy)
+        if mp_policy.param_dtype not in (None, self.orig_dtype):  # no exception for integer weights
+            self.param_dtype = mp_policy.param_dtype
+
     monkeypatch.setattr(FSDPParam, "_init_sharded_param", init_as_before_2_13)
+    monkeypatch.setattr(FSDPParam, "init_dtype_attrs", dtype_attrs_as_before_2_13)
     batch = two_rows(fsdp_rows)
-    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0"))
     with pytest.raises(RuntimeError, match="can require gradients"):
         fsdp.shard(TrainStep(apply_lora(load_base_model(untied_model_dir), r=8)), "cpu")
-    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0+cu130"))
     model = apply_lora(load_base_model(untied_model_dir), r=8)
     before, _ = forward_loss(model, batch)
     after, _ = fsdp.shard(TrainStep(model), "cpu")(**batch)
     assert after.item() == before.item()
+    fp32 = fsdp.mixed_precision()
+    fp32.__dict__.update(param_dtype=torch.float32)  # frozen dataclass: the policy used before, on the CPU
+    monkeypatch.setattr(fsdp, "mixed_precision", lambda: fp32)
+    cast_step = fsdp.shard(TrainStep(apply_lora(load_base_model(untied_model_dir), r=8)), "cpu")
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):  # 4 fp32 bytes per byte: no reshape
+        cast_step(**batch)
     with pytest.raises(RuntimeError, match="can require gradients"):
         torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8))
 
