@@ -13,7 +13,8 @@ under PYTHONFAULTHANDLER=1 (a Python traceback of every thread on SIGSEGV) and T
 (every collective checked across ranks). From the plainest FSDP2 to ours:
 
   linear         3 nn.Linear (fp32), fully_shard each + the root, torch AdamW      FSDP2's backward over gloo on CUDA
-  linear_mp      the same under our MixedPrecisionPolicy (bf16 params, fp32 reduce) casts, fp32 reduce-scatter
+  linear_mp      the same under a bf16-param, fp32-reduce policy    casts, fp32 reduce-scatter (qlora/fsdp.py's
+                 policy until 2026-12-07; it now casts nothing: param_dtype=None)
   linear_staged  linear_mp with every collective on CPU copies: FSDP's and the clipping's norm
                  (tests/fsdp_driver.py --stage-through-cpu, the harness fallback)
   frozen_8bit    units of a frozen bf16 weight + a trainable fp32 LoRA pair; bitsandbytes' paged 8-bit AdamW on
