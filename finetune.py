@@ -97,7 +97,7 @@ from qlora.model import (TrainStep, apply_lora, check_bitsandbytes, check_vocab_
 from qlora.plan import MemoryPlan, check_fits, fit_advice, plan_memory
 from qlora.rundir import RunDir, check_run_dir, git_commit, library_versions, list_checkpoints
 from qlora.shards import read_shard_metadata
-from qlora.training import apply_settings, evaluate, lr_lambda, make_optimizer, to_device
+from qlora.training import apply_settings, clip_gradients, evaluate, lr_lambda, make_optimizer, to_device
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
@@ -449,7 +449,7 @@ def train_step(run: TrainingRun) -> tuple[dict, bool]:
             loss_sum, _ = run.loss_module(**to_device(mb, dist.device))
             (loss_sum * scale).backward()
         local_loss += float(loss_sum.detach())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm or float("inf")))
+    grad_norm = clip_gradients(run.trainable, cfg.max_grad_norm)
     stop_here = float(run.run_dir.stop_path.exists() or run.stop_signal["received"])
     # one all-reduce: the loss, the stop votes, and any rank's non-finite gradient norm, so every rank decides alike
     total_loss, stop_votes, nonfinite = dist.all_reduce_sum([local_loss, stop_here,
