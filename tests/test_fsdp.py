@@ -8,6 +8,7 @@ it, kill it and resume it. (tests/fsdp_driver.py, the same pieces without the ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -143,6 +144,37 @@ def test_shard_takes_uint8_weights_under_torch_before_2_13(one_process_group, un
         cast_step(**batch)
     with pytest.raises(RuntimeError, match="can require gradients"):
         torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8))
+
+
+def test_clipping_scales_alike_however_the_gradients_are_split():
+    """qlora.training.clip_gradients: the norm torch's clip_grad_norm_ computes (1e-5: torch sums in fp32, here
+    3e-6 off the fp64 sum), and the same clipped values
+    bit for bit whether each gradient is whole or split in parts (as FSDP's shards: each rank sums its parts'
+    squares, one all-reduce adds them); 0 measures without clipping; a non-finite gradient gives a non-finite norm."""
+    from qlora.training import clip_gradients
+
+    def params(tensors):
+        out = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
+        for p, t in zip(out, tensors):
+            p.grad = t.clone()
+        return out
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 0, generator=gen)
+             for n in (4096, 1000, 333, 65536)]
+    whole, split = params(grads), params([part for g in grads for part in g.tensor_split(2)])
+    reference = params(grads)
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(reference, 0.3))
+    norm_whole, norm_split = clip_gradients(whole, 0.3), clip_gradients(split, 0.3)
+    assert norm_whole > 0.3 and norm_whole == pytest.approx(torch_norm, rel=1e-5)
+    assert norm_split == pytest.approx(norm_whole, rel=1e-12)
+    assert torch.equal(torch.cat([p.grad for p in whole]), torch.cat([p.grad for p in split]))
+    assert torch.allclose(torch.cat([p.grad for p in whole]), torch.cat([p.grad for p in reference]), rtol=1e-5)
+    unclipped = params(grads)
+    assert clip_gradients(unclipped, 0) == pytest.approx(norm_whole, rel=1e-12)
+    assert all(torch.equal(p.grad, g) for p, g in zip(unclipped, grads))
+    broken = params([torch.tensor([1.0, float("nan")])])
+    assert not math.isfinite(clip_gradients(broken, 0.3))
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
