@@ -27,7 +27,7 @@ What is taken from the libraries and what is not:
     pairs that read as NaN: measured on an H200 (torch 2.11), 21 to 130 changed values in every 4-bit weight of a
     small model and a loss 5.5e-5 (relative) away from one process's from the first step (bench/RESULTS.md, "FSDP2
     on one GPU"). The CPU's copies keep every bit, so the CPU tests could not show it; with uint8 storage they gather
-    every weight bit for bit (tests/test_fsdp.py), the same check on the GPU is still to run. torch < 2.13 needs
+    every weight bit for bit, on the CPU (tests/test_fsdp.py) and on an H100 (93 of 93 weights, torch 2.11). torch < 2.13 needs
     `_integer_parameters_allowed` for fully_shard to take uint8 weights at all, and casts even integer weights to a
     param_dtype (hence None: `mixed_precision`).
   * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
