@@ -72,11 +72,11 @@ def stage_through_cpu(root: torch.nn.Module) -> int:
 
 
 def clip_staged_through_cpu(params, max_norm: float) -> float:
-    """clip_grad_norm_ over DTensor gradients with the squared norms summed across ranks on a CPU tensor."""
+    """qlora.training.clip_gradients with the squared norms summed across ranks on a CPU tensor."""
     import torch.distributed as dist
 
     local = [p.grad.to_local() for p in params if p.grad is not None]
-    squares = torch.stack([g.float().square().sum() for g in local]).sum().cpu()
+    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in local]).sum().cpu()
     dist.all_reduce(squares)
     total = float(squares.sqrt())
     torch._foreach_mul_(local, min(1.0, max_norm / (total + 1e-6)))
@@ -214,6 +214,7 @@ def main() -> None:
     from qlora.loss import count_label_tokens
     from qlora.model import TrainStep, apply_lora, load_base_model, resolve_compute_dtype
     from qlora.shards import read_shard_metadata
+    from qlora.training import clip_gradients
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.device == "cuda":
@@ -311,8 +312,8 @@ def main() -> None:
             local_loss += micro_losses[step + 1][-1]
         if args.stage_through_cpu:
             clip_staged_through_cpu(trainable, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        else:  # finetune.py's clipping (until 2026-12-07 torch's clip_grad_norm_: the bench results of that day)
+            clip_gradients(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
