@@ -176,9 +176,10 @@ def run_stage(stage: str, work: Path, device_type: str) -> None:
         sync()
         mark(f"step {i}: backward")
         if stage.endswith("_staged"):
-            from fsdp_driver import clip_staged_through_cpu
+            from fsdp_driver import all_reduce_through_cpu
+            from qlora.training import clip_gradients
 
-            norm = torch.tensor(clip_staged_through_cpu(params, 1.0))
+            norm = torch.tensor(clip_gradients(params, 1.0, all_reduce_through_cpu))
         else:
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         sync()

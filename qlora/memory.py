@@ -30,10 +30,10 @@ What is counted (bytes; H hidden, I intermediate, KV = kv_heads x head_dim, V vo
     sharded, gathering it at the peak would cost more, qlora/fsdp.py; tied embeddings likewise). Gathered for a
     while: up to three blocks (the one computing, the next one prefetched, and that one's all-gather buffer until it
     is copied out; their LoRA in fp32, the dtype they are kept in) plus one block's unsharded fp32 LoRA gradients and
-    their copy for the reduce-scatter. No DDP buckets. Reserved beyond the allocated peak: twice the embeddings, as measured (see estimate_memory). Loading:
-    qlora/fsdp.py loads the whole 4-bit model on each GPU before sharding it, so the larger of "4-bit model +
-    embeddings" and "4-bit model + whole fp32 LoRA masters" (the embeddings wait on the CPU meanwhile) must fit too
-    (`load_bytes`).
+    their copy for the reduce-scatter. No DDP buckets. Reserved beyond the allocated peak: twice the embeddings, as
+    measured (see estimate_memory). Loading: qlora/fsdp.py loads the whole 4-bit model on each GPU before sharding
+    it, so the larger of "4-bit model + embeddings" and "4-bit model + whole fp32 LoRA masters" (the embeddings wait
+    on the CPU meanwhile) must fit too (`load_bytes`).
   * Not counted: NCCL's own buffers (outside PyTorch's allocator, not measured here; the 90% budget leaves room).
 """
 from __future__ import annotations

@@ -25,14 +25,15 @@ def make_optimizer(params, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def clip_gradients(params, max_norm: float) -> float:
+def clip_gradients(params, max_norm: float, all_reduce=None) -> float:
     """Scale the gradients so that their global L2 norm is at most max_norm (0: none); returns the norm before.
 
     By hand, not torch's clip_grad_norm_: on FSDP's sharded gradients it takes each tensor's norm shard by shard,
     which rounds the norm, and so the clip coefficient, differently from one process's in the last bit. The bf16 copy
     of the updated LoRA weights then rounds a few of them the other way, and the losses drift apart within steps
     (measured, H100: 1e-4 relative after 5 steps under FSDP, with 32-bit Adam too). Squares summed in fp64 make the
-    same fp32 coefficient however the gradients are split (over the ranks' shards summed by one all-reduce).
+    same fp32 coefficient however the gradients are split (over the ranks' shards summed by one all-reduce:
+    `all_reduce`, torch.distributed.all_reduce unless given, sums a tensor over the ranks in place).
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -43,7 +44,7 @@ def clip_gradients(params, max_norm: float) -> float:
         return 0.0
     squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in local]).sum()
     if any(isinstance(g, DTensor) for g in grads):  # each rank holds a part of every gradient
-        dist.all_reduce(squares)
+        (all_reduce or dist.all_reduce)(squares)
     norm = float(squares.sqrt())
     if max_norm and norm > max_norm:
         torch._foreach_mul_(local, max_norm / (norm + 1e-6))  # torch's coefficient (a scalar, applied in fp32)

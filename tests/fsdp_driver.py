@@ -71,16 +71,13 @@ def stage_through_cpu(root: torch.nn.Module) -> int:
     return len(units)
 
 
-def clip_staged_through_cpu(params, max_norm: float) -> float:
-    """qlora.training.clip_gradients with the squared norms summed across ranks on a CPU tensor."""
+def all_reduce_through_cpu(tensor: torch.Tensor) -> None:
+    """Sum `tensor` over the ranks in place, through a CPU copy (for the clipping norm)."""
     import torch.distributed as dist
 
-    local = [p.grad.to_local() for p in params if p.grad is not None]
-    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in local]).sum().cpu()
-    dist.all_reduce(squares)
-    total = float(squares.sqrt())
-    torch._foreach_mul_(local, min(1.0, max_norm / (total + 1e-6)))
-    return total
+    on_cpu = tensor.cpu()
+    dist.all_reduce(on_cpu)
+    tensor.copy_(on_cpu)
 
 
 def lora_staged_through_cpu(peft_model) -> dict:
@@ -310,10 +307,8 @@ def main() -> None:
             mark("backward")
             micro_losses.setdefault(step + 1, []).append(float(loss_sum.detach()))
             local_loss += micro_losses[step + 1][-1]
-        if args.stage_through_cpu:
-            clip_staged_through_cpu(trainable, 1.0)
-        else:  # finetune.py's clipping (until 2026-12-07 torch's clip_grad_norm_: the bench results of that day)
-            clip_gradients(trainable, 1.0)
+        # finetune.py's clipping (until 2026-12-07 torch's clip_grad_norm_: the bench results of that day)
+        clip_gradients(trainable, 1.0, all_reduce_through_cpu if args.stage_through_cpu else None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ it, kill it and resume it. (tests/fsdp_driver.py, the same pieces without the ru
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -136,8 +137,7 @@ def test_shard_takes_uint8_weights_under_torch_before_2_13(one_process_group, un
     before, _ = forward_loss(model, batch)
     after, _ = fsdp.shard(TrainStep(model), "cpu")(**batch)
     assert after.item() == before.item()
-    fp32 = fsdp.mixed_precision()
-    fp32.__dict__.update(param_dtype=torch.float32)  # frozen dataclass: the policy used before, on the CPU
+    fp32 = dataclasses.replace(fsdp.mixed_precision(), param_dtype=torch.float32)  # the policy before, on the CPU
     monkeypatch.setattr(fsdp, "mixed_precision", lambda: fp32)
     cast_step = fsdp.shard(TrainStep(apply_lora(load_base_model(untied_model_dir), r=8)), "cpu")
     with pytest.raises(RuntimeError, match="is invalid for input of size"):  # 4 fp32 bytes per byte: no reshape
@@ -148,9 +148,9 @@ def test_shard_takes_uint8_weights_under_torch_before_2_13(one_process_group, un
 
 def test_clipping_scales_alike_however_the_gradients_are_split():
     """qlora.training.clip_gradients: the norm torch's clip_grad_norm_ computes (1e-5: torch sums in fp32, here
-    3e-6 off the fp64 sum), and the same clipped values
-    bit for bit whether each gradient is whole or split in parts (as FSDP's shards: each rank sums its parts'
-    squares, one all-reduce adds them); 0 measures without clipping; a non-finite gradient gives a non-finite norm."""
+    3e-6 off the fp64 sum), and the same clipped values bit for bit whether each gradient is whole or split in parts
+    (as FSDP's shards: each rank sums its parts' squares, one all-reduce adds them); 0 measures without clipping; a
+    non-finite gradient gives a non-finite norm."""
     from qlora.training import clip_gradients
 
     def params(tensors):
@@ -434,9 +434,10 @@ def test_estimate_memory_plans_llama3_70b_on_four_40gb_gpus_under_fsdp(tmp_path,
     assert "DOES NOT FIT" in captured.out and "--parallelism fsdp" in captured.err
 
 
-def torchrun_finetune(*args, ranks: int = 2, background: bool = False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(ROOT / "finetune.py"), *map(str, args)]
+def torchrun_finetune(*args, ranks: int | None = 2, background: bool = False):
+    """finetune.py under torchrun with `ranks` processes (None: plain python, one process), one thread each."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks else []
+    cmd = [sys.executable, *launcher, str(ROOT / "finetune.py"), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -488,11 +489,7 @@ def runs(tmp_path_factory, untied_model_dir, task):
     for suffix, extra in (("", []), ("_unclipped", ["--max-grad-norm", 0])):
         torchrun_finetune(*common, *extra, "--output-dir", tmp / f"fsdp{suffix}", "--parallelism", "fsdp",
                           "--grad-accum", 1)
-        one_thread = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *map(str, common + extra), "--output-dir",
-                               str(tmp / f"single{suffix}"), "--grad-accum", "2"], cwd=ROOT, env=one_thread,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        torchrun_finetune(*common, *extra, "--output-dir", tmp / f"single{suffix}", "--grad-accum", 2, ranks=None)
     assert finetune.main([*map(str, common), "--output-dir", str(tmp / "control"), "--grad-accum", "1"]) == 0
     names = ("fsdp", "single", "fsdp_unclipped", "single_unclipped", "control")
     return {"common": common, **{name: tmp / name for name in names}}
