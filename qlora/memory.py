@@ -239,7 +239,8 @@ def estimate_memory(model_config: dict | None = None, *, seq_len: int = 8192, mi
     # Measured under FSDP (one H200, 2 processes, 70B width): 4.3 and 4.6 GiB reserved beyond the allocated peak,
     # against 0.4 without FSDP. Twice the embeddings (their all-gather buffer and gathered copy, freed at the start of
     # the forward, kept reserved for FSDP's streams) fits both; with the embeddings whole (H100) the excess fell from
-    # 4.3 to 1.2 GiB, which points at their gather. The term is the measurement's (bench/RESULTS.md, "FSDP2 on one GPU").
+    # 4.3 to 1.2 GiB, which points at their gather. The term is the measurement's (bench/RESULTS.md, "FSDP2 on one
+    # GPU").
     fsdp_reserve = 2 * v * h * unq_dtype if sharded_embeddings else 0
     est.peak_reserved_bytes = int(peak + ALLOCATOR_SLACK_BYTES + fsdp_reserve)
     rows.append(("allocator slack (reserved - allocated)", ALLOCATOR_SLACK_BYTES, True, "expandable segments"))
