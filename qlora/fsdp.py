@@ -22,11 +22,12 @@ What is taken from the libraries and what is not:
   * The packed NF4 bytes stay in uint8, bitsandbytes' default storage. FSDP2 gathers a unit whose weights differ in
     dtype as raw bytes (one collective per block, its norms and LoRA weights with it), so the 4-bit weights arrive
     bit for bit. Stored in bf16 instead (`bnb_4bit_quant_storage`, the form bitsandbytes and accelerate document for
-    FSDP1, whose flat parameters need one dtype), a block is gathered as bf16 values, and on the GPU the copies around FSDP2's all-gather rewrote the byte
-    pairs that read as NaN: measured on an H200 (torch 2.11), 21 to 130 changed values in every 4-bit weight of a
-    small model and a loss 5.5e-5 (relative) away from one process's from the first step (bench/RESULTS.md, "FSDP2
-    on one GPU"). The CPU's copies keep every bit, so the CPU tests could not show it; with uint8 storage they gather
-    every weight bit for bit, on the CPU (tests/test_fsdp.py) and on an H100 (93 of 93 weights, torch 2.11).
+    FSDP1, whose flat parameters need one dtype), a block is gathered as bf16 values, and on the GPU the copies
+    around FSDP2's all-gather rewrote the byte pairs that read as NaN: measured on an H200 (torch 2.11), 21 to 130
+    changed values in every 4-bit weight of a small model and a loss 5.5e-5 (relative) away from one process's from
+    the first step (bench/RESULTS.md, "FSDP2 on one GPU"). The CPU's copies keep every bit, so the CPU tests could
+    not show it; with uint8 storage they gather every weight bit for bit, on the CPU (tests/test_fsdp.py) and on an
+    H100 (93 of 93 weights, torch 2.11).
     torch < 2.13 needs `_integer_parameters_allowed` for fully_shard to take uint8 weights at all, and casts even
     integer weights to a param_dtype (hence None: `mixed_precision`).
   * The lm_head is not sharded: every process keeps it whole (`ignored_params`), as it keeps the quantisation
