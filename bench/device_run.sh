@@ -65,7 +65,10 @@ finish() {
     for f in "$OUT"/prof/*.txt "$OUT"/prof/*.log; do [ -f "$f" ] && { echo "=== $(basename $f)"; cat "$f"; }; done > "$OUT/profiles.txt"
     rm -rf "$OUT/prof"
   fi
-  python3 bench/summarize.py "$OUT/results.jsonl" 2>/dev/null | tee "$OUT/summary.md"
+  # phases without bench_train.py runs (fsdp, predict, ...) print their own tables: no empty summary.md
+  if [ -f "$OUT/results.jsonl" ]; then
+    python3 bench/summarize.py "$OUT/results.jsonl" 2>/dev/null | tee "$OUT/summary.md"
+  fi
   stamp "phase $PHASE finished"
 }
 trap finish EXIT
